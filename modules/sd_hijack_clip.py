@@ -1,0 +1,123 @@
+"""Text conditioning: a prompt of any length becomes CLIP hidden states, as AUTOMATIC1111 does it.
+
+CLIP reads 77 tokens. To take longer prompts, the prompt's tokens are cut into chunks of
+75; each chunk is encoded on its own as BOS + 75 tokens + EOS (padded with EOS, or with the
+tokenizer's pad token after the first EOS for SD 2.x) and the chunks' hidden states are
+concatenated, giving (1, 77 * k, C). `BREAK` closes a chunk early; near a chunk's end the
+text after the last comma moves to the next chunk (AUTOMATIC1111's comma backtrack).
+Emphasis `(word:1.2)` multiplies each token's hidden state by its weight and then restores
+the chunk's mean, so emphasis changes direction rather than overall magnitude.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from modules import prompt_parser
+
+CHUNK_LENGTH = 75
+
+
+@dataclass
+class PromptChunk:
+    """One 77-token window: token ids with BOS/EOS, and one weight per token."""
+
+    tokens: list[int] = field(default_factory=list)
+    multipliers: list[float] = field(default_factory=list)
+
+
+class CLIPTextConditioner:
+    """Encodes prompt texts with a transformers CLIP text encoder and its tokenizer.
+
+    `clip_skip` n > 1 takes the n-th hidden state from the end and applies the final
+    layer norm, as AUTOMATIC1111's "Clip skip" setting does.
+    """
+
+    def __init__(self, tokenizer, text_encoder, clip_skip: int = 1, comma_padding_backtrack: int = 20):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.clip_skip = clip_skip
+        self.comma_padding_backtrack = comma_padding_backtrack
+        self.id_start = tokenizer.bos_token_id
+        self.id_end = tokenizer.eos_token_id
+        self.id_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.id_end
+        self.comma_token = tokenizer.get_vocab().get(",</w>")
+
+    # -- tokens -------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+
+    def tokenize_line(self, line: str) -> tuple[list[PromptChunk], int]:
+        """Split a prompt into weighted 77-token chunks; also return the number of real tokens."""
+        parsed = prompt_parser.parse_prompt_attention(line)
+        tokenized = self.tokenize([text for text, _ in parsed])
+        chunks: list[PromptChunk] = []
+        chunk = PromptChunk()
+        token_count = 0
+        last_comma = -1
+
+        def next_chunk(is_last: bool = False) -> None:
+            nonlocal token_count, last_comma, chunk
+            token_count += len(chunk.tokens) if is_last else CHUNK_LENGTH
+            to_add = CHUNK_LENGTH - len(chunk.tokens)
+            chunk.tokens = [self.id_start] + chunk.tokens + [self.id_end] * to_add + [self.id_end]
+            chunk.multipliers = [1.0] + chunk.multipliers + [1.0] * to_add + [1.0]
+            last_comma = -1
+            chunks.append(chunk)
+            chunk = PromptChunk()
+
+        for tokens, (text, weight) in zip(tokenized, parsed):
+            if text == "BREAK" and weight == -1:
+                next_chunk()
+                continue
+            for token in tokens:
+                if token == self.comma_token:
+                    last_comma = len(chunk.tokens)
+                elif (self.comma_padding_backtrack and len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
+                      and len(chunk.tokens) - last_comma <= self.comma_padding_backtrack):
+                    cut = last_comma + 1
+                    moved_tokens, moved_mults = chunk.tokens[cut:], chunk.multipliers[cut:]
+                    chunk.tokens, chunk.multipliers = chunk.tokens[:cut], chunk.multipliers[:cut]
+                    next_chunk()
+                    chunk.tokens, chunk.multipliers = moved_tokens, moved_mults
+                if len(chunk.tokens) == CHUNK_LENGTH:
+                    next_chunk()
+                chunk.tokens.append(token)
+                chunk.multipliers.append(weight)
+
+        if chunk.tokens or not chunks:
+            next_chunk(is_last=True)
+        return chunks, token_count
+
+    def count_tokens(self, text: str) -> tuple[int, int]:
+        """(tokens used, tokens available in the chunks used): the UI's "12/75" counter."""
+        chunks, count = self.tokenize_line(text)
+        return count, max(len(chunks), 1) * CHUNK_LENGTH
+
+    # -- hidden states ------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_chunks(self, chunks: list[PromptChunk], clip_skip: int | None = None) -> torch.Tensor:
+        """Encode chunks in one text-encoder call; returns (1, 77 * len(chunks), C)."""
+        device = self.text_encoder.device
+        tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
+        if self.id_pad != self.id_end:  # SD 2.x: everything after the first EOS is the pad token
+            for row, chunk in zip(tokens, chunks):
+                row[chunk.tokens.index(self.id_end) + 1:] = self.id_pad
+        z = self.encode_tokens(tokens, clip_skip or self.clip_skip)
+        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=device)
+        if not torch.all(multipliers == 1):
+            # Per chunk, so a text's encoding does not depend on what else is in the batch.
+            original_mean = z.mean(dim=(1, 2), keepdim=True)
+            z = z * multipliers[:, :, None]
+            z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+        return z.reshape(1, -1, z.shape[-1])
+
+    def encode_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        out = self.text_encoder(input_ids=tokens, output_hidden_states=clip_skip > 1)
+        if clip_skip > 1:
+            return self.text_encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+        return out.last_hidden_state
+
+    def encode(self, text: str, clip_skip: int | None = None) -> torch.Tensor:
+        return self.encode_chunks(self.tokenize_line(text)[0], clip_skip)
