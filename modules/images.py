@@ -88,6 +88,7 @@ INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "Variation seed strength": ("subseed_strength", float),
     "Clip skip": ("clip_skip", int),
     "Eta": ("eta", float),
+    "Eta DDIM": ("eta", float),
     "NGMS": ("s_min_uncond", float),
 }
 

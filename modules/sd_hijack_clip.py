@@ -116,7 +116,9 @@ class CLIPTextConditioner:
     def encode_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         out = self.text_encoder(input_ids=tokens, output_hidden_states=clip_skip > 1)
         if clip_skip > 1:
-            return self.text_encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+            # transformers 5 flattened CLIPTextModel; 4.x keeps the layers under .text_model
+            final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+            return final_layer_norm(out.hidden_states[-clip_skip])
         return out.last_hidden_state
 
     def encode(self, text: str, clip_skip: int | None = None) -> torch.Tensor:
