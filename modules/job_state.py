@@ -32,8 +32,7 @@ class JobState:
             self.job, self.job_count, self.job_no = job, job_count, 0
             self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
             self.sampling_step = self.sampling_steps = 0
-            self.interrupted = self.skipped = False
-            self.current_step_info = None
+            self.current_step_info = None  # `interrupted` stays: a job stopped while queued never starts
             self.time_start = time.time()
 
     def end(self) -> None:

@@ -1,0 +1,46 @@
+"""Command-line flags, named as AUTOMATIC1111 names them."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CKPT_DIR = REPO / "models" / "Stable-diffusion"
+DEFAULT_MODEL = DEFAULT_CKPT_DIR / "tiny-shapes"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Stable Diffusion web UI that shows what the negative prompt does")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 instead of 127.0.0.1")
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
+    p.add_argument("--gradio-auth", default=None, help='UI login: "user:pass[,user2:pass2]"')
+    p.add_argument("--gradio-auth-path", type=Path, default=None, help="file of user:pass lines or comma lists")
+    p.add_argument("--api", action="store_true", help="serve the /sdapi/v1 API beside the UI")
+    p.add_argument("--nowebui", action="store_true", help="serve the API only")
+    p.add_argument("--api-auth", default=None, help='HTTP Basic auth for the API: "user:pass[,user2:pass2]"')
+    p.add_argument("--api-log", action="store_true", help="log every API request")
+    p.add_argument("--ckpt", type=Path, default=None, help="checkpoint to load at start (default: the embedded model)")
+    p.add_argument("--ckpt-dir", type=Path, default=None, help="another folder of checkpoints")
+    p.add_argument("--outdir-samples", type=Path, default=REPO / "outputs" / "txt2img-images",
+                   help="where generated images are saved")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def parse_auth(text: str | None, path: Path | None = None) -> list[tuple[str, str]]:
+    """"u:p,u2:p2" (and lines of a file) -> [(u, p), (u2, p2)]."""
+    items = [x for x in (text or "").split(",") if x.strip()]
+    if path is not None:
+        items += [x for line in Path(path).read_text().splitlines() for x in line.split(",") if x.strip()]
+    pairs = []
+    for item in items:
+        user, sep, password = item.strip().partition(":")
+        if not sep:
+            raise SystemExit(f"auth entry {item!r} is not user:pass")
+        pairs.append((user, password))
+    return pairs
