@@ -154,3 +154,46 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         latent_rgb = (data["factors"], data.get("bias", [0.0, 0.0, 0.0]))
     return SDModel(unet=unet, vae=vae, cond_stage=CLIPTextConditioner(tokenizer, text_encoder, clip_skip=clip_skip),
                    scheduler_config=scheduler_config, name=path.name, path=path, latent_rgb=latent_rgb)
+
+
+@dataclass
+class CheckpointInfo:
+    """A checkpoint found on disk, titled as AUTOMATIC1111 titles it: `name [shorthash]`."""
+
+    path: Path
+    name: str  # file or folder name, relative to its checkpoint folder
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.name).stem if self.path.is_file() else self.name
+
+    @cached_property
+    def sha256(self) -> str:
+        return checkpoint_sha256(self.path)
+
+    @property
+    def shorthash(self) -> str:
+        return self.sha256[:10]
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.shorthash}]"
+
+
+def list_checkpoints(dirs: list[Path]) -> list[CheckpointInfo]:
+    """Diffusers folders (with model_index.json) directly inside each checkpoint folder, sorted by name."""
+    found = []
+    for folder in dirs:
+        if Path(folder).is_dir():
+            found += [CheckpointInfo(p, p.name) for p in sorted(Path(folder).iterdir())
+                      if p.is_dir() and (p / "model_index.json").is_file()]
+    return found
+
+
+def find_checkpoint(name: str, dirs: list[Path]) -> CheckpointInfo:
+    """Resolve a title (`name [hash]`), a name, or a short hash among the known checkpoints only,
+    so a name from the UI or the API can never point outside the checkpoint folders."""
+    for info in list_checkpoints(dirs):
+        if name in (info.title, info.name, info.model_name, info.shorthash):
+            return info
+    raise ModelNotFound(f"Checkpoint not found: {name!r}")
