@@ -11,7 +11,8 @@ DEFAULT_MODEL = DEFAULT_CKPT_DIR / "tiny-shapes"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Stable Diffusion web UI that shows what the negative prompt does")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port to serve on (default 7860; 7861 with --nowebui, as AUTOMATIC1111)")
     p.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 instead of 127.0.0.1")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
     p.add_argument("--gradio-auth", default=None, help='UI login: "user:pass[,user2:pass2]"')
@@ -25,11 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir-samples", type=Path, default=REPO / "outputs" / "txt2img-images",
                    help="where generated images are saved")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    # checkpoints and memory (modules/sd_models.load_kwargs_from_args turns these into load_model arguments)
+    p.add_argument("--allow-pickle-checkpoints", action="store_true",
+                   help="load .ckpt/.pt pickles (with torch.load(weights_only=True)); refused by default")
+    p.add_argument("--medvram", action="store_true", help="keep text encoders, UNet and VAE in CPU memory until each runs")
+    p.add_argument("--lowvram", action="store_true", help="offload layer by layer to CPU memory (slowest, least memory)")
+    p.add_argument("--no-half", action="store_true", help="float32 weights on the GPU (default: fp16)")
+    p.add_argument("--no-half-vae", action="store_true", help="float32 VAE even when the rest is fp16")
+    p.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast",
+                   help="full = float32 everywhere, as --no-half")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.port is None:
+        args.port = 7861 if args.nowebui else 7860
+    if not 0 < args.port < 65536:
+        raise SystemExit(f"--port must be between 1 and 65535, got {args.port}")
+    return args
 
 
 def parse_auth(text: str | None, path: Path | None = None) -> list[tuple[str, str]]:

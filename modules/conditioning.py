@@ -65,6 +65,8 @@ def pad_to_length(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch
     AUTOMATIC1111's `pad_cond_uncond`: a prompt and a negative prompt of different chunk
     counts still go through one UNet call, and the padding means "nothing more".
     """
+    if isinstance(cond, dict):  # SDXL: only the token sequence is padded; the pooled vector stays
+        return CondDict(cond, crossattn=pad_to_length(cond["crossattn"], length, empty["crossattn"]))
     missing = length - cond.shape[1]
     if missing <= 0:
         return cond
@@ -73,6 +75,54 @@ def pad_to_length(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch
 
 
 def stack_padded(conds: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
-    """(1, T_i, C) tensors -> one (N, max T, C) batch, padded with the empty prompt's chunks."""
+    """(1, T_i, C) tensors -> one (N, max T, C) batch, padded with the empty prompt's chunks.
+    SDXL's CondDicts -> one CondDict of batches (crossattn padded, vector stacked)."""
     length = max(c.shape[1] for c in conds)
+    if isinstance(conds[0], dict):
+        padded = [pad_to_length(c, length, empty) for c in conds]
+        return CondDict({key: torch.cat([c[key] for c in padded], dim=0) for key in padded[0]})
     return torch.cat([pad_to_length(c, length, empty) for c in conds], dim=0)
+
+
+class CondDict(dict):
+    """SDXL's conditioning: {"crossattn": (N, T, C) token states, "vector": (N, D) pooled text embeds}.
+
+    It behaves enough like the (N, T, C) tensor of SD 1.x/2.x for the code that handles either:
+    `.shape` is the token tensor's, `.to(...)` moves every part, and `+`, `-`, `*` with a number or
+    another CondDict act on every part (the negative-weight interpolation).
+    """
+
+    @property
+    def shape(self) -> torch.Size:
+        return self["crossattn"].shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self["crossattn"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self["crossattn"].device
+
+    def to(self, *args, **kwargs) -> "CondDict":
+        return CondDict({k: v.to(*args, **kwargs) for k, v in self.items()})
+
+    def _apply(self, other, op) -> "CondDict":
+        if isinstance(other, dict):
+            return CondDict({k: op(v, other[k]) for k, v in self.items()})
+        return CondDict({k: op(v, other) for k, v in self.items()})
+
+    def __add__(self, other):
+        return self._apply(other, lambda a, b: a + b)
+
+    def __sub__(self, other):
+        return self._apply(other, lambda a, b: a - b)
+
+    def __mul__(self, other):
+        return self._apply(other, lambda a, b: a * b)
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    def __rsub__(self, other):
+        return self._apply(other, lambda a, b: b - a)

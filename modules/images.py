@@ -90,6 +90,12 @@ INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "Eta": ("eta", float),
     "Eta DDIM": ("eta", float),
     "NGMS": ("s_min_uncond", float),
+    "Guidance": ("guidance", str),
+    "Negative weight": ("negative_weight", float),
+    "Negative start": ("negative_start", float),
+    "Negative end": ("negative_end", float),
+    "Guidance interval": ("guidance_interval", lambda v: tuple(float(x) for x in v.split("-"))),
+    "CFG rescale": ("cfg_rescale", float),
 }
 
 

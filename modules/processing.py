@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 
 from modules import images as images_module
+from modules import sd_guidance
+from modules import sd_samplers
 from modules.conditioning import TextEncodingCache, get_learned_conditioning, get_multicond_learned_conditioning
 from modules.errors import InterruptedException, InvalidParameter
 from modules.job_state import JobState
 from modules.rng import ImageRNG
-from modules.sd_samplers import create_sampler, find_sampler_config
+from modules.sd_samplers import create_sampler, find_sampler_config, get_sampler_and_scheduler
 from modules.sd_samplers_cfg_denoiser import CFGDenoiser
 from modules.sd_samplers_common import AfterSampleHook, StepInfo
 
@@ -41,6 +43,7 @@ class StableDiffusionProcessingTxt2Img:
     subseed: int = -1
     subseed_strength: float = 0.0
     sampler_name: str = "DDIM"
+    scheduler: str = "Automatic"  # schedule type (AUTOMATIC1111 1.9+); legacy "DPM++ 2M Karras" names also work
     batch_size: int = 1
     n_iter: int = 1
     steps: int = 20
@@ -49,6 +52,14 @@ class StableDiffusionProcessingTxt2Img:
     height: int = 512
     eta: float | None = None
     clip_skip: int = 1
+    # Negative guidance beyond plain CFG (modules/sd_guidance.py); the defaults give plain CFG, bit for bit.
+    guidance: str = "CFG"
+    negative_weight: float = 1.0
+    negative_start: float = 0.0
+    negative_end: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_rescale: float = 0.0
+    s_min_uncond: float = 0.0
     do_not_save_samples: bool = False
     outpath_samples: str = "outputs/txt2img-images"
 
@@ -123,8 +134,8 @@ def validate(p: StableDiffusionProcessingTxt2Img, model) -> None:
             raise InvalidParameter(f"{name} must be a whole number", field=name)
     if not 0 <= p.subseed_strength <= 1:
         raise InvalidParameter("subseed_strength must be between 0 and 1", field="subseed_strength")
-    if find_sampler_config(p.sampler_name) is None:
-        create_sampler(p.sampler_name, model)  # raises SamplerNotFound with the list of names
+    sd_guidance.validate_guidance(p)
+    get_sampler_and_scheduler(p.sampler_name, p.scheduler)  # SamplerNotFound / InvalidParameter(scheduler)
 
 
 def fix_seed(seed: int) -> int:
@@ -137,7 +148,8 @@ def create_infotext(p: StableDiffusionProcessingTxt2Img, model, prompt: str, neg
     """AUTOMATIC1111's infotext: prompt, `Negative prompt:` line (if any), then `Key: value` pairs."""
     params = {
         "Steps": p.steps,
-        "Sampler": find_sampler_config(p.sampler_name).name,
+        "Sampler": get_sampler_and_scheduler(p.sampler_name, p.scheduler)[0].name,
+        "Schedule type": schedule_type_label(p),
         "CFG scale": f"{p.cfg_scale:g}",
         "Seed": seed,
         "Size": f"{p.width}x{p.height}",
@@ -146,11 +158,47 @@ def create_infotext(p: StableDiffusionProcessingTxt2Img, model, prompt: str, neg
         "Variation seed": subseed if p.subseed_strength else None,
         "Variation seed strength": p.subseed_strength or None,
         "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
-        "Eta DDIM": p.eta if p.eta else None,
+        **sd_samplers.eta_infotext(p.sampler_name, p.eta),
+        **guidance_infotext(p),
         "Version": VERSION,
     }
     negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{images_module.format_parameters(params)}".strip()
+
+
+def guidance_infotext(p: StableDiffusionProcessingTxt2Img) -> dict:
+    """The negative-guidance fields that differ from plain CFG, for the infotext."""
+    lo, hi = p.guidance_interval
+    return {
+        "Guidance": p.guidance if p.guidance != "CFG" else None,
+        "Negative weight": f"{p.negative_weight:g}" if p.negative_weight != 1 else None,
+        "Negative start": f"{p.negative_start:g}" if p.negative_start else None,
+        "Negative end": f"{p.negative_end:g}" if p.negative_end != 1 else None,
+        "Guidance interval": f"{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else None,
+        "CFG rescale": f"{p.cfg_rescale:g}" if p.cfg_rescale else None,
+        "NGMS": f"{p.s_min_uncond:g}" if p.s_min_uncond else None,
+    }
+
+
+def negative_conditioning(model, encode, p: StableDiffusionProcessingTxt2Img, negative_prompts: list[str]):
+    """The negative prompts' schedules, with the job's negative weight and window applied.
+
+    A weight of 0 means "no negative prompt": the texts are replaced by the empty prompt, so
+    the result equals an empty negative prompt exactly.
+    """
+    if p.negative_weight == 0:
+        negative_prompts = [""] * len(negative_prompts)
+    empty = encode("")
+    schedules = get_learned_conditioning(encode, negative_prompts, p.steps)
+    if not sd_guidance.find_guidance_rule(p.guidance).separate_negative:  # Perp-Neg weighs the negative itself
+        schedules = [sd_guidance.weighted_negative(s, empty, p.negative_weight) for s in schedules]
+    return [sd_guidance.windowed_negative(s, empty, p.negative_start, p.negative_end, p.steps) for s in schedules]
+
+
+def schedule_type_label(p: StableDiffusionProcessingTxt2Img) -> str | None:
+    """The infotext's `Schedule type`: the label chosen (or split off a legacy name); left out when Automatic."""
+    label = get_sampler_and_scheduler(p.sampler_name, p.scheduler)[1].label
+    return None if label == "Automatic" else label
 
 
 def progress_hook(state: JobState) -> AfterSampleHook:
@@ -175,8 +223,11 @@ def process_images(model, p: StableDiffusionProcessingTxt2Img, hooks: list[After
     all_prompts, all_negative_prompts = [p.prompt] * count, [p.negative_prompt] * count
     all_seeds = [seed + (i if p.subseed_strength == 0 else 0) for i in range(count)]
     all_subseeds = [subseed + i for i in range(count)]
-    sampler = create_sampler(p.sampler_name, model, eta=p.eta or 0.0)
+    sampler = create_sampler(p.sampler_name, model, scheduler=p.scheduler, eta=p.eta)
     encode = TextEncodingCache(lambda text: model.get_learned_conditioning(text, p.clip_skip))
+    guidance = sd_guidance.GuidanceSettings(
+        sd_guidance.find_guidance_rule(p.guidance), p.cfg_scale, p.negative_weight,
+        tuple(float(v) for v in p.guidance_interval), p.cfg_rescale, p.s_min_uncond)
     latent_shape = (model.latent_channels, p.height // model.vae_scale_factor, p.width // model.vae_scale_factor)
     hooks = [progress_hook(state), *hooks]
     output_images, infotexts, saved = [], [], []
@@ -189,11 +240,12 @@ def process_images(model, p: StableDiffusionProcessingTxt2Img, hooks: list[After
                 batch = slice(n * p.batch_size, (n + 1) * p.batch_size)
                 prompts, negative_prompts = all_prompts[batch], all_negative_prompts[batch]
                 cond = get_multicond_learned_conditioning(encode, prompts, p.steps)
-                uncond = get_learned_conditioning(encode, negative_prompts, p.steps)
+                uncond = negative_conditioning(model, encode, p, negative_prompts)
                 rng = ImageRNG(latent_shape, all_seeds[batch], all_subseeds[batch], p.subseed_strength,
                                device=model.device, dtype=model.dtype)
                 state.sampling_steps = p.steps
-                samples = sampler.sample(CFGDenoiser(model, cond, uncond, p.cfg_scale), rng.first(), p.steps, rng, hooks)
+                denoiser = CFGDenoiser(model, cond, uncond, p.cfg_scale, p.steps, encode(""), guidance)
+                samples = sampler.sample(denoiser, rng.first(), p.steps, rng, hooks)
                 for i, image in enumerate(images_module.latents_to_pil(model.decode_first_stage(samples))):
                     index = n * p.batch_size + i
                     text = create_infotext(p, model, all_prompts[index], all_negative_prompts[index],

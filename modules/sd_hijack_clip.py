@@ -105,7 +105,8 @@ class CLIPTextConditioner:
             for row, chunk in zip(tokens, chunks):
                 row[chunk.tokens.index(self.id_end) + 1:] = self.id_pad
         z = self.encode_tokens(tokens, clip_skip or self.clip_skip)
-        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=device)
+        # z.device, not the encoder's: with CPU offload the weights rest on the CPU and z comes back on the GPU
+        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)
         if not torch.all(multipliers == 1):
             # Per chunk, so a text's encoding does not depend on what else is in the batch.
             original_mean = z.mean(dim=(1, 2), keepdim=True)
@@ -123,3 +124,59 @@ class CLIPTextConditioner:
 
     def encode(self, text: str, clip_skip: int | None = None) -> torch.Tensor:
         return self.encode_chunks(self.tokenize_line(text)[0], clip_skip)
+
+
+class _PenultimateCLIP(CLIPTextConditioner):
+    """One of SDXL's two encoders: hidden state before the last layer, without the final layer norm
+    (sgm's `layer: penultimate`, diffusers' `hidden_states[-2]`); CLIP skip n takes `hidden_states[-(n + 1)]`.
+    Keeps the projected pooled output of the first chunk it encoded (AUTOMATIC1111 takes chunk 0's)."""
+
+    pooled: torch.Tensor | None = None
+
+    def encode_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        out = self.text_encoder(input_ids=tokens, output_hidden_states=True)
+        self.pooled = out.text_embeds[0:1] if getattr(out, "text_embeds", None) is not None else None
+        return out.hidden_states[-(max(clip_skip, 1) + 1)]
+
+
+class SDXLTextConditioner:
+    """SDXL base conditioning: both encoders read the same chunks (same BPE vocabulary; the second pads
+    with `!` after the first EOS); their penultimate hidden states are concatenated along the channel
+    (768 + 1280 = 2048) and the second encoder's pooled, projected embedding is the UNet's `text_embeds`.
+    Emphasis and its mean restoration apply to each encoder's output separately, as in AUTOMATIC1111.
+
+    `encode` returns {"crossattn": (1, 77 * k, C1 + C2), "vector": (1, D)}.
+    """
+
+    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, clip_skip: int = 1):
+        self.clip_l = _PenultimateCLIP(tokenizer, text_encoder, clip_skip=clip_skip)
+        self.clip_g = _PenultimateCLIP(tokenizer_2, text_encoder_2, clip_skip=clip_skip)
+        self.clip_skip = clip_skip
+
+    @property
+    def tokenizer(self):
+        return self.clip_l.tokenizer
+
+    @property
+    def text_encoder(self):
+        return self.clip_l.text_encoder
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.clip_l.tokenize(texts)
+
+    def tokenize_line(self, line: str) -> tuple[list[PromptChunk], int]:
+        return self.clip_l.tokenize_line(line)
+
+    def count_tokens(self, text: str) -> tuple[int, int]:
+        return self.clip_l.count_tokens(text)
+
+    @torch.no_grad()
+    def encode(self, text: str, clip_skip: int | None = None) -> dict[str, torch.Tensor]:
+        from modules.conditioning import CondDict
+
+        chunks, _ = self.clip_l.tokenize_line(text)
+        z_l = self.clip_l.encode_chunks(chunks, clip_skip or self.clip_skip)
+        z_g = self.clip_g.encode_chunks([PromptChunk(list(c.tokens), list(c.multipliers)) for c in chunks],
+                                        clip_skip or self.clip_skip)
+        z_l = z_l.to(z_g.device, z_g.dtype)
+        return CondDict(crossattn=torch.cat([z_l, z_g], dim=-1), vector=self.clip_g.pooled.to(z_g.dtype))

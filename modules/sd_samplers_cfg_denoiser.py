@@ -1,18 +1,23 @@
-"""The denoiser every sampler calls: one batched UNet call for the negative prompt and all
-prompt parts at a step, then classifier-free guidance.
+"""The denoiser every sampler calls: one batched UNet call per step, then a guidance rule.
 
-The batch is [uncond for each image] + [cond for each AND part of each image], with the
-conditionings active at this step padded to one token length. Guidance is done on the raw
-model output (as diffusers does), and converted to epsilon and pred_x0 for the sampler.
+The batch is [base for each image] + [each AND part of each image] (+ [negative for each
+image] for rules that see the negative separately, such as Perp-Neg), with the
+conditionings active at this step padded to one token length. "base" is the negative
+prompt for CFG and the empty prompt for Perp-Neg. Guidance is done on the raw model output
+(as diffusers does) and converted to epsilon and pred_x0 for the sampler.
+
+On steps where guidance cannot change the result (scale 1, outside the guidance interval,
+NGMS) and every image has a plain prompt, only the prompt rows are run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from modules.conditioning import Schedule, active_index, stack_padded
-from modules.prompt_parser import MulticondLearnedConditioning
+from modules.prompt_parser import MulticondLearnedConditioning, ScheduledPromptConditioning
+from modules.sd_guidance import GuidanceSettings, find_guidance_rule, rescale_cfg
 from modules.sd_samplers_common import to_eps, to_x0
 
 
@@ -22,52 +27,76 @@ class DenoiserOutput:
     eps: torch.Tensor  # guided noise prediction
     pred_x0: torch.Tensor  # guided estimate of the clean latent
     branches: dict[str, torch.Tensor]  # pred_x0 of each conditioning branch
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image measures of what guidance did
 
 
 class CFGDenoiser:
-    """`e = e_uncond + scale * sum_i w_i (e_cond_i - e_uncond)`, from one UNet call per step.
+    """Runs the UNet on all branches of a step at once and combines them with the job's guidance rule."""
 
-    With scale 1 and plain prompts (one part of weight 1) the uncond pass is skipped.
-    """
-
-    def __init__(self, model, cond: MulticondLearnedConditioning, uncond: list[Schedule], cfg_scale: float):
+    def __init__(self, model, cond: MulticondLearnedConditioning, uncond: list[Schedule], cfg_scale: float,
+                 steps: int, empty: torch.Tensor, guidance: GuidanceSettings | None = None):
+        """`empty` is the empty prompt's encoding (with the job's CLIP skip): padding, and Perp-Neg's base."""
         self.model = model
-        self.uncond = uncond
-        self.cfg_scale = cfg_scale
+        self.steps = steps
+        self.empty = empty
+        self.guidance = guidance or GuidanceSettings(find_guidance_rule("CFG"), cfg_scale)
         parts = [(i, part) for i, image_parts in enumerate(cond.batch) for part in image_parts]
         self.part_schedules = [part.schedules for _, part in parts]
         self.part_image = torch.tensor([i for i, _ in parts], device=model.device)
         self.part_weight = torch.tensor([part.weight for _, part in parts], dtype=model.dtype,
                                         device=model.device).view(-1, 1, 1, 1)
-        self.skip_uncond = cfg_scale == 1 and all(len(p) == 1 and p[0].weight == 1 for p in cond.batch)
-        self._batches: dict[tuple[int, ...], torch.Tensor] = {}
+        self.plain_prompts = all(len(p) == 1 and p[0].weight == 1 for p in cond.batch)
+        if self.guidance.rule.separate_negative:
+            empty_schedule = [ScheduledPromptConditioning(steps, empty)]
+            self.base_schedules, self.negative_schedules = [empty_schedule] * len(uncond), uncond
+        else:
+            self.base_schedules, self.negative_schedules = uncond, []
+        self._batches: dict[tuple, torch.Tensor] = {}
 
-    def conditioning_at(self, step: int) -> torch.Tensor:
+    def conditioning_at(self, step: int, prompt_only: bool = False) -> torch.Tensor:
         """The UNet's encoder_hidden_states at `step`, built once per distinct set of active entries."""
-        schedules = ([] if self.skip_uncond else self.uncond) + self.part_schedules
-        key = tuple(active_index(s, step) for s in schedules)
+        if prompt_only:
+            schedules = self.part_schedules
+        else:
+            schedules = self.base_schedules + self.part_schedules + self.negative_schedules
+        key = (prompt_only, *(active_index(s, step) for s in schedules))
         if key not in self._batches:
-            conds = [schedule[k].cond for schedule, k in zip(schedules, key)]
-            self._batches[key] = stack_padded(conds, self.model.empty_cond).to(self.model.device, self.model.dtype)
+            conds = [schedule[k].cond for schedule, k in zip(schedules, key[1:])]
+            self._batches[key] = stack_padded(conds, self.empty).to(self.model.device, self.model.dtype)
         return self._batches[key]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, timestep: float, alpha: float, step: int) -> DenoiserOutput:
         """Denoise the VP-scaled latent `x` at `timestep`, whose alphas_cumprod is `alpha`."""
-        model, n = self.model, x.shape[0]
-        x_parts = x[self.part_image]
-        x_in = x_parts if self.skip_uncond else torch.cat([x, x_parts])
-        out = model.apply_model(x_in, timestep, self.conditioning_at(step))
+        model, g, n = self.model, self.guidance, x.shape[0]
         prediction_type = model.prediction_type
-        if self.skip_uncond:
-            guided = out
-            branches = {"prompt": to_x0(out, x, alpha, prediction_type)}
+        scale = g.scale_at(step, self.steps)
+        prompt_only = self.plain_prompts and (scale == 1 or g.ngms_skips(step, alpha))
+        x_parts = x[self.part_image]
+        if prompt_only:
+            out = model.apply_model(x_parts, timestep, self.conditioning_at(step, prompt_only=True))
+            guided = positive = out
+            branches, stats = {"prompt": to_x0(out, x, alpha, prediction_type)}, {}
         else:
-            out_uncond, out_cond = out[:n], out[n:]
-            delta = torch.zeros_like(out_uncond).index_add_(
-                0, self.part_image, (out_cond - out_uncond[self.part_image]) * self.part_weight)
-            guided = out_uncond + self.cfg_scale * delta
-            branches = {"prompt": to_x0(out_uncond + delta, x, alpha, prediction_type),
-                        "negative": to_x0(out_uncond, x, alpha, prediction_type)}
+            x_in = torch.cat([x, x_parts, x] if self.negative_schedules else [x, x_parts])
+            out = model.apply_model(x_in, timestep, self.conditioning_at(step))
+            k = len(self.part_schedules)
+            base, out_parts, out_negative = out[:n], out[n:n + k], out[n + k:]
+            delta_pos = torch.zeros_like(base).index_add_(
+                0, self.part_image, (out_parts - base[self.part_image]) * self.part_weight)
+            positive = base + delta_pos
+            if self.negative_schedules:
+                guided, stats = g.rule.combine(base, delta_pos, scale, delta_neg=out_negative - base,
+                                               negative_weight=g.negative_weight)
+                branches = {"prompt": to_x0(positive, x, alpha, prediction_type),
+                            "negative": to_x0(out_negative, x, alpha, prediction_type),
+                            "empty": to_x0(base, x, alpha, prediction_type)}
+            else:
+                guided, stats = g.rule.combine(base, delta_pos, scale)
+                branches = {"prompt": to_x0(positive, x, alpha, prediction_type),
+                            "negative": to_x0(base, x, alpha, prediction_type)}
+            if g.cfg_rescale > 0:
+                guided = rescale_cfg(guided, positive, g.cfg_rescale)
+        stats = {**stats, "guidance": (guided - positive).flatten(1).norm(dim=1)}
         return DenoiserOutput(guided, to_eps(guided, x, alpha, prediction_type),
-                              to_x0(guided, x, alpha, prediction_type), branches)
+                              to_x0(guided, x, alpha, prediction_type), branches, stats)

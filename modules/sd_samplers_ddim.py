@@ -52,6 +52,6 @@ class DDIMSampler(Sampler):
             nonlocal x
             index = steps - 1 - i
             x, pred_x0, out = self.p_sample_ddim(x, index, i)
-            return StepInfo(i, steps, self.ddim_timesteps[index], x, pred_x0, out.branches)
+            return StepInfo(i, steps, self.ddim_timesteps[index], x, pred_x0, out.branches, out.stats)
 
         return run_steps(step_fn, steps, hooks)

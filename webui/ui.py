@@ -1,47 +1,517 @@
-"""The Gradio page: a txt2img tab in AUTOMATIC1111's layout and element ids."""
+"""The Gradio page: txt2img in AUTOMATIC1111's layout and element ids, with step-by-step previews.
+
+Generate is a generator: the job runs on a worker thread (waiting for the shared queue in
+`WebUIContext.txt2img`), and the generator streams the preview gallery and the progress
+bar to the page until the job ends. Everything about a job lives in that generator call:
+its `JobState`, its `PreviewCollector`, its files; the only thing shared between browser
+sessions is `SessionJobs`, which maps a session to its running job so that Interrupt
+stops that job and no other.
+"""
 from __future__ import annotations
 
-import gradio as gr
+import dataclasses
+import html
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
 
+import gradio as gr
+from PIL import Image, PngImagePlugin
+
+from modules import images as images_module, sd_samplers
 from modules.errors import UserError
 from modules.job_state import JobState
 from modules.processing import StableDiffusionProcessingTxt2Img
-from modules.sd_samplers import all_samplers
+from webui import previews
 from webui.context import WebUIContext
+
+log = logging.getLogger(__name__)
+
+P_FIELDS = {f.name for f in dataclasses.fields(StableDiffusionProcessingTxt2Img)}
+INT_FIELDS = {f.name for f in dataclasses.fields(StableDiffusionProcessingTxt2Img) if f.type in ("int", int)}
+FLOAT_FIELDS = {f.name for f in dataclasses.fields(StableDiffusionProcessingTxt2Img) if f.type in ("float", float)}
+UPDATE_INTERVAL = 0.25  # seconds between streamed updates while a job runs
+
+
+def gallery_interval(n: int) -> float:
+    """Seconds between preview-gallery updates: each update sends the whole list, so a long
+    trajectory (many batches) is sent less often."""
+    return max(UPDATE_INTERVAL, n / 400)
+
+CSS = """
+#txt2img_token_counter, #txt2img_negative_token_counter { align-self: flex-end; width: auto !important;
+  min-height: 0 !important; margin-top: calc(-1.9em - var(--layout-gap, 12px)) !important; margin-right: 1.2em;
+  font-size: 0.85em; opacity: 0.75; z-index: 5; pointer-events: none; background: transparent !important;
+  border: none !important; box-shadow: none !important; padding: 0 !important; }
+.sdneg-progress { position: relative; height: 1.6em; border-radius: 4px; background: var(--block-background-fill, #eee);
+  border: 1px solid var(--border-color-primary, #ccc); overflow: hidden; }
+.sdneg-progress-bar { position: absolute; left: 0; top: 0; bottom: 0; background: var(--color-accent, #f97316);
+  opacity: 0.55; transition: width 0.2s; }
+.sdneg-progress-text { position: relative; padding: 0 8px; line-height: 1.6em; font-size: 0.9em; }
+.sdneg-error { color: var(--error-text-color, #b91c1c); font-weight: 600; white-space: pre-wrap; }
+.sdneg-infotext { font-family: var(--font-mono, monospace); font-size: 0.85em; white-space: pre-wrap;
+  word-break: break-word; }
+#txt2img_generate, #txt2img_interrupt { min-height: 3em; }
+.sdneg-tool { max-width: 3em; min-width: 3em !important; }
+"""
+
+
+class SessionJobs:
+    """The running job of each browser session, so Interrupt stops the presser's job only."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs: dict[str, JobState] = {}
+        self._dirs: dict[str, Path] = {}
+
+    def start(self, key: str, state: JobState, job_dir: Path) -> bool:
+        """Register the session's new job; False if it already has one queued or running."""
+        with self._lock:
+            if key in self._jobs:
+                return False
+            self._jobs[key] = state
+            old = self._dirs.get(key)
+            self._dirs[key] = job_dir
+        if old is not None:  # a session's page shows only its last job: its older files can go
+            shutil.rmtree(old, ignore_errors=True)
+        return True
+
+    def finish(self, key: str, state: JobState) -> None:
+        with self._lock:
+            if self._jobs.get(key) is state:
+                del self._jobs[key]
+
+    def interrupt(self, key: str) -> bool:
+        with self._lock:
+            state = self._jobs.get(key)
+        if state is None:
+            return False
+        state.interrupt()
+        return True
+
+
+def session_key(request: gr.Request | None) -> str:
+    if request is None:
+        return "anonymous"
+    return f"{getattr(request, 'username', None) or ''}/{request.session_hash or id(request)}"
+
+
+def progress_html(text: str, fraction: float = 0.0, error: bool = False) -> str:
+    cls = "sdneg-progress-text sdneg-error" if error else "sdneg-progress-text"
+    return (f'<div class="sdneg-progress"><div class="sdneg-progress-bar" style="width: {100 * fraction:.1f}%"></div>'
+            f'<span class="{cls}">{html.escape(text)}</span></div>')
+
+
+def job_progress_text(state: JobState, started: float) -> tuple[str, float]:
+    """`Step 7/20 · 35% · 2.4 s left` for a running job, or what it waits for."""
+    if state.interrupted:
+        return "Interrupting…", 0.0
+    if not state.job:
+        return f"Waiting in the queue… {time.time() - started:.0f} s", 0.0
+    fraction, eta = state.progress()
+    text = f"Step {state.sampling_step}/{state.sampling_steps}"
+    if state.job_count > 1:
+        text += f" · batch {min(state.job_no + 1, state.job_count)}/{state.job_count}"
+    text += f" · {100 * fraction:.0f}%"
+    if state.sampling_step:
+        text += f" · {eta:.1f} s left"
+    return text, fraction
+
+
+def preview_label(subject: str) -> str:
+    what = "combined | prompt | negative, left to right" if subject == previews.SUBJECT_ALL else subject.lower()
+    return f"Denoising steps: the predicted final image (pred_x0) at each step — {what}"
+
+
+def infotext_html(info: str) -> str:
+    if not info:
+        return ""
+    return '<div class="sdneg-infotext">' + html.escape(info) + "</div>"
+
+
+def to_number(name: str, value: Any) -> Any:
+    """Gradio numbers arrive as floats (or None when a box is emptied); the engine wants ints where
+    AUTOMATIC1111 has ints, and says what is wrong otherwise."""
+    if name in INT_FIELDS:
+        if value is None or value == "":
+            raise UserError(f"{name} is empty", field=name)
+        if float(value) != int(float(value)):
+            raise UserError(f"{name} must be a whole number, got {value}", field=name)
+        return int(float(value))
+    if name in FLOAT_FIELDS and value is not None:
+        return float(value)
+    return value
+
+
+def build_processing(values: dict[str, Any], outdir: str) -> StableDiffusionProcessingTxt2Img:
+    """The job's parameters from the page's inputs, keyed by StableDiffusionProcessingTxt2Img field names.
+
+    Inputs whose name is not (yet) a field of the processing object are ignored, so a
+    control can be added to the page before the engine knows it; `name[i]` inputs are the
+    elements of a tuple field (two sliders for `guidance_interval`, say).
+    """
+    kwargs: dict[str, Any] = {}
+    parts: dict[str, dict[int, Any]] = {}
+    for name, value in values.items():
+        m = re.fullmatch(r"(\w+)\[(\d+)\]", name)  # "guidance_interval[0]": one element of a tuple field
+        if m and m.group(1) in P_FIELDS:
+            parts.setdefault(m.group(1), {})[int(m.group(2))] = None if value is None else float(value)
+        elif name in P_FIELDS:
+            kwargs[name] = to_number(name, value)
+    for name, items in parts.items():
+        kwargs[name] = tuple(items[i] for i in sorted(items))
+    return StableDiffusionProcessingTxt2Img(**kwargs, outpath_samples=outdir)
+
+
+def save_with_info(image: Image.Image, path: Path, info: str) -> Path:
+    pnginfo = PngImagePlugin.PngInfo()
+    if info:
+        pnginfo.add_text("parameters", info)
+    image.save(path, format="PNG", pnginfo=pnginfo)
+    return path
+
+
+def current_title(ctx: WebUIContext) -> str:
+    """AUTOMATIC1111's checkpoint title (`name [shorthash]`) of the loaded model."""
+    if getattr(ctx, "checkpoint", None) is not None:
+        return ctx.checkpoint.title
+    return f"{ctx.model.name} [{ctx.model.shorthash}]" if ctx.model is not None else ""
+
+
+def checkpoint_titles(ctx: WebUIContext, refresh: bool = False) -> list[str]:
+    """Every checkpoint that can be picked (as of the last refresh), the loaded one included."""
+    infos = ctx.refresh_checkpoints() if refresh else ctx.checkpoints
+    titles = [info.title for info in infos]
+    current = current_title(ctx)
+    return titles if not current or current in titles else [current, *titles]
+
+
+def scheduler_names() -> list[str]:
+    """Schedule types, once the sampler registry has them (AUTOMATIC1111's `sd_schedulers`)."""
+    for name in ("all_schedulers", "schedulers"):
+        items = getattr(sd_samplers, name, None)
+        if items:
+            return [getattr(s, "label", None) or getattr(s, "name", None) or str(s) for s in items]
+    return []
 
 
 def create_ui(ctx: WebUIContext) -> gr.Blocks:
-    size = ctx.model.default_size if ctx.model else 512
+    jobs = SessionJobs()
+    # A job's files (step previews, results, animation) go straight into Gradio's cache folder,
+    # which Gradio serves as is: streaming the gallery then costs no hashing or copying.
+    work_root = Path(gr.utils.get_upload_folder()) / "sdneg-jobs"
+    work_root.mkdir(parents=True, exist_ok=True)
+    outdir = str(getattr(ctx.args, "outdir_samples", "outputs/txt2img-images"))
 
-    def generate(prompt, negative_prompt, sampler_name, steps, cfg_scale, seed, width, height, batch_size, batch_count):
-        p = StableDiffusionProcessingTxt2Img(
-            prompt=prompt, negative_prompt=negative_prompt, sampler_name=sampler_name, steps=int(steps),
-            cfg_scale=float(cfg_scale), seed=int(seed), width=int(width), height=int(height),
-            batch_size=int(batch_size), n_iter=int(batch_count), outpath_samples=str(ctx.args.outdir_samples))
+    def default_size() -> int:
+        return ctx.model.default_size if ctx.model is not None else 512
+
+    def token_counter(text: str) -> str:
+        if ctx.model is None or not text:
+            return f"0/{75}"
         try:
-            processed = ctx.txt2img(p, JobState())
-        except UserError as e:
-            raise gr.Error(str(e))
-        return processed.images, f"<pre>{processed.info}</pre>"
+            used, available = ctx.model.cond_stage.count_tokens(text)
+        except Exception:  # a counter must never break typing
+            log.exception("token count failed")
+            return ""
+        return f"{used}/{available}"
 
-    with gr.Blocks(title="Stable Diffusion - negative prompts") as demo:
-        with gr.Tab("txt2img"):
-            prompt = gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=3)
-            negative = gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt", lines=2)
-            with gr.Row():
-                sampler = gr.Dropdown([s.name for s in all_samplers], value=all_samplers[0].name,
-                                      label="Sampling method", elem_id="txt2img_sampling")
-                steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
-            with gr.Row():
-                width = gr.Slider(8, 2048, value=size, step=8, label="Width", elem_id="txt2img_width")
-                height = gr.Slider(8, 2048, value=size, step=8, label="Height", elem_id="txt2img_height")
-                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="txt2img_batch_count")
-                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size")
-            cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
-            seed = gr.Number(value=-1, precision=0, label="Seed", elem_id="txt2img_seed")
-            generate_button = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
-            gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=4)
-            info = gr.HTML(elem_id="html_info_txt2img")
-        generate_button.click(generate, [prompt, negative, sampler, steps, cfg, seed, width, height, batch_size,
-                                         batch_count], [gallery, info])
+    sampler_names = [s.name for s in sd_samplers.all_samplers]
+    default_sampler = "DDIM" if "DDIM" in sampler_names else sampler_names[0]  # the reference sampler
+    schedulers = scheduler_names()
+
+    with gr.Blocks(title="Stable Diffusion - negative prompts", delete_cache=(3600, 86400)) as demo:
+        gr.HTML(f"<style>{CSS}</style>", padding=False, elem_id="sdneg_css")
+        with gr.Row():
+            checkpoint = gr.Dropdown(choices=checkpoint_titles(ctx), value=lambda: current_title(ctx),
+                                     label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
+                                     scale=4)
+            refresh_checkpoints = gr.Button("↻", elem_id="refresh_sd_model_checkpoint", elem_classes="sdneg-tool",
+                                            scale=0)
+
+        # Inputs of the job, by their StableDiffusionProcessingTxt2Img field names: the p is built from this dict.
+        fields: dict[str, gr.components.Component] = {}
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                with gr.Row(elem_id="txt2img_toprow"):
+                    with gr.Column(scale=6):
+                        fields["prompt"] = gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=3,
+                                                      placeholder="Prompt (Shift+Enter to generate)")
+                        prompt_tokens = gr.HTML("0/75", elem_id="txt2img_token_counter", padding=False)
+                        fields["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt",
+                                                               lines=2, placeholder="Negative prompt")
+                        negative_tokens = gr.HTML("0/75", elem_id="txt2img_negative_token_counter", padding=False)
+                        # ---- Negative guidance (lead): an Accordion("Negative guidance") goes here; put its
+                        # controls into `fields` under their StableDiffusionProcessingTxt2Img names (guidance,
+                        # negative_weight, negative_start, negative_end, cfg_rescale, s_min_uncond; a tuple
+                        # field as "guidance_interval[0]", "guidance_interval[1]") and generate() passes them
+                        # on; PNG Info's "Send to txt2img" fills them where images.INFOTEXT_FIELDS maps them. ----
+                    with gr.Column(scale=1, min_width=160):
+                        generate_button = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
+                        interrupt_button = gr.Button("Interrupt", elem_id="txt2img_interrupt")
+
+                with gr.Row():
+                    with gr.Column(scale=1, elem_id="txt2img_settings"):
+                        with gr.Row():
+                            fields["sampler_name"] = gr.Dropdown(sampler_names, value=default_sampler,
+                                                                 label="Sampling method", elem_id="txt2img_sampling")
+                            if schedulers:
+                                fields["scheduler"] = gr.Dropdown(schedulers, value=schedulers[0],
+                                                                  label="Schedule type", elem_id="txt2img_scheduler")
+                        fields["steps"] = gr.Slider(1, 150, value=20, step=1, label="Sampling steps",
+                                                    elem_id="txt2img_steps")
+                        with gr.Row():
+                            with gr.Column(scale=3):
+                                fields["width"] = gr.Slider(64, 2048, value=default_size, step=8, label="Width",
+                                                            elem_id="txt2img_width")
+                                fields["height"] = gr.Slider(64, 2048, value=default_size, step=8, label="Height",
+                                                             elem_id="txt2img_height")
+                            with gr.Column(scale=1, min_width=120):
+                                fields["n_iter"] = gr.Slider(1, 100, value=1, step=1, label="Batch count",
+                                                             elem_id="txt2img_batch_count")
+                                fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size",
+                                                                 elem_id="txt2img_batch_size")
+                        fields["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale",
+                                                        elem_id="txt2img_cfg_scale")
+                        with gr.Row():
+                            fields["seed"] = gr.Number(value=-1, precision=0, label="Seed", elem_id="txt2img_seed",
+                                                       scale=4)
+                            random_seed = gr.Button("⚄", elem_id="txt2img_random_seed", elem_classes="sdneg-tool",
+                                                    scale=0)
+                            reuse_seed = gr.Button("♻", elem_id="txt2img_reuse_seed", elem_classes="sdneg-tool",
+                                                   scale=0)
+                        with gr.Accordion("Live previews", open=True, elem_id="txt2img_preview_settings"):
+                            preview_subject = gr.Radio(previews.SUBJECTS, value=previews.SUBJECT_COMBINED,
+                                                       label="Preview shows the pred_x0 of",
+                                                       elem_id="txt2img_preview_subject")
+                            preview_method = gr.Radio(previews.METHODS, value=previews.METHOD_CHEAP,
+                                                      label="Preview method (Approx cheap: linear latent->RGB, "
+                                                            "no VAE; Full: VAE decode every step, slower)",
+                                                      elem_id="txt2img_preview_method")
+
+                    with gr.Column(scale=1, elem_id="txt2img_results"):
+                        progress = gr.HTML(progress_html("Idle"), elem_id="txt2img_progress", padding=False)
+                        preview_gallery = gr.Gallery(label=preview_label(previews.SUBJECT_COMBINED),
+                                                     elem_id="txt2img_preview_gallery", columns=6, height=300,
+                                                     format="png", object_fit="contain", interactive=False)
+                        gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=4, height=320,
+                                             format="png", object_fit="contain", interactive=False)
+                        trajectory = gr.DownloadButton("Download the trajectory (animated GIF)", visible=False,
+                                                       elem_id="txt2img_trajectory_download")
+                        info = gr.HTML(elem_id="html_info_txt2img")
+
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                with gr.Row():
+                    with gr.Column():
+                        png_image = gr.Image(label="Source", type="filepath", image_mode=None, sources=["upload"],
+                                             elem_id="pnginfo_image", height=360)
+                    with gr.Column():
+                        png_html = gr.HTML(elem_id="pnginfo_html")
+                        png_parameters = gr.State("")
+                        send_to_txt2img = gr.Button("Send to txt2img", elem_id="pnginfo_send_to_txt2img")
+
+        last_job = gr.State({"seeds": [], "infotexts": []})  # per session: the last results, for seed reuse
+        selected = gr.State(0)
+        field_names = list(fields)
+        field_components = [fields[n] for n in field_names]
+
+        # ---- generation ----------------------------------------------------------------------------
+        def generate(request: gr.Request, *args):
+            subject, method, *values = args
+            values = dict(zip(field_names, values))
+            try:
+                if ctx.model is None:
+                    raise UserError("No model is loaded: pick a checkpoint")
+                p = build_processing(values, outdir)
+                p.do_not_save_samples = not getattr(ctx, "options", {}).get("samples_save", True)
+                collector = previews.PreviewCollector(lambda: getattr(ctx, "current_model", None) or ctx.model, subject, method, (p.width, p.height),
+                                                      batch_count=p.n_iter)
+            except (UserError, ValueError) as e:
+                yield {progress: progress_html(str(e), error=True)}
+                raise gr.Error(str(e))
+            key = session_key(request)
+            state = JobState()
+            job_dir = work_root / uuid.uuid4().hex
+            if not jobs.start(key, state, job_dir):
+                message = "Your previous job is still running: wait for it or interrupt it"
+                gr.Warning(message)
+                return
+            job_dir.mkdir(parents=True)
+            result: dict[str, Any] = {}
+
+            def work():
+                try:
+                    result["processed"] = ctx.txt2img(p, state, hooks=[collector])
+                except BaseException as e:  # reported on the page below
+                    result["error"] = e
+
+            started = time.time()
+            worker = threading.Thread(target=work, name="txt2img-job", daemon=True)
+            worker.start()
+            items: list[tuple[str, str]] = []
+            try:
+                yield {preview_gallery: gr.update(value=[], label=preview_label(subject)), gallery: [], info: "",
+                       trajectory: gr.update(visible=False), progress: progress_html("Waiting in the queue…"),
+                       generate_button: gr.update(interactive=False)}
+                yield from stream_previews(worker, state, collector, job_dir, items, started)
+                error = result.get("error")
+                if error is None:
+                    yield finish(result["processed"], p, state, collector, job_dir, items, started)
+                    return
+            except Exception as e:  # a bug on this side of the job: say so, keep the page usable
+                error = e
+            finally:
+                if worker.is_alive():  # the page went away or broke: stop the job rather than sample for nobody
+                    state.interrupt()
+                jobs.finish(key, state)
+            if isinstance(error, UserError):
+                message = str(error)
+            else:
+                log.error("txt2img failed", exc_info=error)
+                message = f"Generation failed: {type(error).__name__}: {error}"
+            yield {preview_gallery: list(items), progress: progress_html(message, error=True),
+                   generate_button: gr.update(interactive=True)}
+            raise gr.Error(message)
+
+        def stream_previews(worker, state, collector, job_dir, items, started):
+            """While the job runs: new step pictures to files, the gallery and progress to the page."""
+            last_gallery = 0.0
+            while True:
+                worker.join(UPDATE_INTERVAL)
+                frames = collector.frames()
+                new = len(frames) > len(items)
+                for i in range(len(items), len(frames)):
+                    path = job_dir / f"step-{i:05}.png"
+                    collector.store(i, path)
+                    items.append((str(path), frames[i].caption))
+                if not worker.is_alive():
+                    return
+                text, fraction = job_progress_text(state, started)
+                update = {progress: progress_html(text, fraction)}
+                if new and time.time() - last_gallery >= gallery_interval(len(items)):
+                    update[preview_gallery], last_gallery = list(items), time.time()
+                yield update
+
+        def finish(processed, p, state, collector, job_dir, items, started) -> dict:
+            """The last update: results (PNG files with their infotext), animation, status."""
+            outputs = [str(save_with_info(im, job_dir / f"{i:05}-{processed.all_seeds[i]}.png", text))
+                       for i, (im, text) in enumerate(zip(processed.images, processed.infotexts))]
+            animation = previews.save_animation(collector.frames(), job_dir / f"trajectory-{processed.seed}.gif")
+            elapsed = time.time() - started
+            if processed.interrupted:
+                status = f"Interrupted at step {state.sampling_step}/{p.steps} after {elapsed:.1f} s"
+            else:
+                status = f"Done: {len(outputs)} image(s), {p.steps} steps, {elapsed:.1f} s"
+            return {
+                preview_gallery: list(items),
+                gallery: outputs,
+                info: infotext_html(processed.info),
+                trajectory: gr.update(value=str(animation), visible=True) if animation else gr.update(visible=False),
+                progress: progress_html(status, 0.0 if processed.interrupted else 1.0),
+                last_job: {"seeds": processed.all_seeds[:len(outputs)], "infotexts": processed.infotexts},
+                selected: 0,
+                generate_button: gr.update(interactive=True),
+            }
+
+        generate_outputs = [preview_gallery, gallery, info, trajectory, progress, last_job, selected, generate_button]
+        generate_inputs = [preview_subject, preview_method, *field_components]
+        for trigger in (generate_button.click, fields["prompt"].submit, fields["negative_prompt"].submit):
+            trigger(generate, generate_inputs, generate_outputs, show_progress="hidden", concurrency_limit=None)
+
+        def interrupt(request: gr.Request):
+            jobs.interrupt(session_key(request))
+
+        interrupt_button.click(interrupt, None, None, queue=False, show_progress="hidden")
+
+        # ---- results: infotext of the picked image, seed buttons ----------------------------------------
+        def pick(job, evt: gr.SelectData):
+            index = evt.index if isinstance(evt.index, int) else 0
+            texts = job.get("infotexts") or []
+            return index, infotext_html(texts[index] if index < len(texts) else "")
+
+        gallery.select(pick, [last_job], [selected, info], show_progress="hidden")
+        random_seed.click(lambda: -1, None, fields["seed"], queue=False, show_progress="hidden")
+
+        def reuse(job, index):
+            seeds = job.get("seeds") or []
+            if not seeds:
+                gr.Warning("No image generated yet: nothing to reuse")
+                return gr.update()
+            return seeds[index if index < len(seeds) else 0]
+
+        reuse_seed.click(reuse, [last_job, selected], fields["seed"], queue=False, show_progress="hidden")
+
+        # ---- token counters ---------------------------------------------------------------------------
+        fields["prompt"].change(token_counter, fields["prompt"], prompt_tokens, queue=False, show_progress="hidden")
+        fields["negative_prompt"].change(token_counter, fields["negative_prompt"], negative_tokens, queue=False,
+                                         show_progress="hidden")
+
+        # ---- checkpoints --------------------------------------------------------------------------------
+        def switch_checkpoint(title: str):
+            """The checkpoint is the server's, as in AUTOMATIC1111: switching it changes it for everyone,
+            after the running job (the switch waits for the queue)."""
+            if not title or title == current_title(ctx):
+                return gr.update()
+            try:
+                gr.Info(f"Loading {title}…")
+                ctx.load_checkpoint(title)
+            except UserError as e:
+                gr.Warning(str(e))
+            return gr.update(value=current_title(ctx))
+
+        checkpoint.input(switch_checkpoint, checkpoint, checkpoint, concurrency_limit=1)
+        refresh_checkpoints.click(lambda: gr.update(choices=checkpoint_titles(ctx, refresh=True),
+                                                    value=current_title(ctx)), None, checkpoint)
+
+        # ---- PNG Info -----------------------------------------------------------------------------------
+        def read_png_info(path):
+            if not path:
+                return "", ""
+            try:
+                with Image.open(path) as im:
+                    items = dict(im.info)
+            except Exception as e:
+                return f'<div class="sdneg-error">Cannot read the image: {html.escape(str(e))}</div>', ""
+            parameters = items.pop("parameters", None)
+            if parameters is None and not items:
+                return "<div>Nothing found in the image.</div>", ""
+            parts = []
+            if parameters:
+                parts.append(f"<p><b>parameters</b></p>{infotext_html(parameters)}")
+            for k, v in items.items():
+                if isinstance(v, (str, int, float)):
+                    parts.append(f"<p><b>{html.escape(str(k))}</b></p><div class='sdneg-infotext'>"
+                                 f"{html.escape(str(v))}</div>")
+            return "".join(parts), parameters or ""
+
+        png_image.change(read_png_info, png_image, [png_html, png_parameters])
+
+        def send_parameters(text: str):
+            if not text:
+                gr.Warning("No generation parameters to send")
+                return {}
+            values = images_module.infotext_to_fields(images_module.parse_generation_parameters(text))
+            updates: dict = {tabs: gr.Tabs(selected="txt2img")}
+            for name, value in values.items():
+                if isinstance(value, (tuple, list)):  # a tuple field shown as one control per element
+                    updates.update({fields[f"{name}[{i}]"]: v for i, v in enumerate(value) if f"{name}[{i}]" in fields})
+                    continue
+                component = fields.get(name)
+                if component is None:
+                    continue
+                if name == "sampler_name":
+                    data = sd_samplers.find_sampler_config(value)
+                    if data is None:
+                        gr.Warning(f"Unknown sampler {value!r}: not changed")
+                        continue
+                    value = data.name
+                updates[component] = value
+            return updates
+
+        send_to_txt2img.click(send_parameters, png_parameters, [tabs, *field_components])
     return demo

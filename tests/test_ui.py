@@ -1,0 +1,263 @@
+"""The txt2img page: its pieces without a browser, then the real page in Debian's Chromium
+(Playwright) against the real server (`python app.py`) on loopback, with a tiny random model.
+
+One server and one browser for the module; each test opens its own browser context(s), so
+each is a separate Gradio session, as two people would be.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from modules.errors import UserError
+from modules.job_state import JobState
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+# ---- without a browser -----------------------------------------------------------------------
+
+def test_build_processing_converts_numbers_and_ignores_unknown_inputs():
+    from webui.ui import build_processing
+
+    p = build_processing({"prompt": "a", "steps": 12.0, "width": 64.0, "cfg_scale": 7, "seed": -1.0,
+                          "not_a_field_yet": 3}, "/tmp/out")
+    assert (p.prompt, p.steps, p.width, p.cfg_scale, p.seed) == ("a", 12, 64, 7.0, -1)
+    assert isinstance(p.steps, int) and isinstance(p.cfg_scale, float) and p.outpath_samples == "/tmp/out"
+    if "guidance_interval" in p.__dataclass_fields__:
+        q = build_processing({"guidance_interval[1]": 0.8, "guidance_interval[0]": 0.1}, "/tmp/out")
+        assert q.guidance_interval == (0.1, 0.8)
+    with pytest.raises(UserError, match="steps must be a whole number"):
+        build_processing({"steps": 2.5}, "/tmp/out")
+    with pytest.raises(UserError, match="width is empty"):
+        build_processing({"width": None}, "/tmp/out")
+
+
+def test_interrupt_reaches_only_the_sessions_own_job(tmp_path):
+    from webui.ui import SessionJobs
+
+    jobs = SessionJobs()
+    a, b = JobState(), JobState()
+    assert jobs.start("a", a, tmp_path / "a")
+    assert jobs.start("b", b, tmp_path / "b")
+    assert not jobs.start("a", JobState(), tmp_path / "a2")  # one job per session at a time
+    assert jobs.interrupt("b") and b.interrupted and not a.interrupted
+    assert not jobs.interrupt("c")
+    jobs.finish("a", a)
+    assert not jobs.interrupt("a") and not a.interrupted
+
+
+def test_progress_text_has_step_count_and_time_left():
+    from webui.ui import job_progress_text
+
+    state = JobState()
+    assert job_progress_text(state, time.time())[0].startswith("Waiting in the queue")
+    state.begin("txt2img", 2)
+    state.time_start -= 2.0
+    state.sampling_step, state.sampling_steps = 5, 10
+    text, fraction = job_progress_text(state, time.time())
+    assert fraction == pytest.approx(0.25)
+    assert re.fullmatch(r"Step 5/10 · batch 1/2 · 25% · \d+\.\d s left", text), text
+
+
+# ---- in a browser ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api")
+    from tests.server import start_server
+    from tests.tiny_sd import build_tiny_sd
+
+    root = tmp_path_factory.mktemp("ui")
+    model = build_tiny_sd(root / "models" / "tiny-sd")
+    srv = start_server(model, "--outdir-samples", str(root / "outputs"))
+    srv.outdir = root / "outputs"
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(server.url + "/")
+    page.wait_for_selector("#txt2img_prompt textarea")
+    return page
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def fill_job(page, prompt: str, negative: str = "", steps: int = 6, batch_size: int = 1, batch_count: int = 1,
+             seed: int = -1) -> None:
+    page.fill("#txt2img_prompt textarea", prompt)
+    page.fill("#txt2img_neg_prompt textarea", negative)
+    set_number(page, "txt2img_steps", steps)
+    set_number(page, "txt2img_batch_size", batch_size)
+    set_number(page, "txt2img_batch_count", batch_count)
+    page.fill("#txt2img_seed input", str(seed))
+
+
+def progress_text(page) -> str:
+    return page.inner_text("#txt2img_progress .sdneg-progress-text")
+
+
+def wait_progress(page, pattern: str, timeout: float = 90_000) -> str:
+    page.wait_for_function(
+        "p => new RegExp(p).test(document.querySelector('#txt2img_progress .sdneg-progress-text')?.innerText || '')",
+        arg=pattern, timeout=timeout)
+    return progress_text(page)
+
+
+def captions(page, gallery: str = "txt2img_preview_gallery") -> list[str]:
+    return page.locator(f"#{gallery} .thumbnail-item .caption-label").all_inner_texts()
+
+
+def result_count(page) -> int:
+    return page.locator("#txt2img_gallery .thumbnail-item").count()
+
+
+def test_generate_streams_one_preview_per_step_then_the_result(browser, server):
+    page = open_page(browser, server)
+    assert page.input_value("#txt2img_width input[type=number]") == "64"  # the model's own size
+    fill_job(page, "a red circle", "blue square", steps=8, seed=-1)
+    page.wait_for_function("document.querySelector('#txt2img_negative_token_counter').innerText.includes('/75')")
+    page.click("#txt2img_generate")
+    # the gallery fills while the job runs, before the result is there
+    page.wait_for_function("document.querySelectorAll('#txt2img_preview_gallery .thumbnail-item').length >= 1")
+    done = wait_progress(page, "^Done")
+    assert "8 steps" in done
+    assert captions(page) == [f"Step {i}/8" for i in range(1, 9)]
+    assert result_count(page) == 1
+    info = page.inner_text("#html_info_txt2img")
+    assert "a red circle" in info and "Negative prompt: blue square" in info
+    seed = re.search(r"Seed: (\d+)", info).group(1)
+    page.click("#txt2img_reuse_seed")
+    page.wait_for_function("v => document.querySelector('#txt2img_seed input').value === v", arg=seed)
+    page.click("#txt2img_random_seed")
+    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '-1'")
+    page.wait_for_selector("#txt2img_trajectory_download", state="visible")
+    with page.expect_download() as download:
+        page.click("#txt2img_trajectory_download")
+    path = download.value.path()
+    from PIL import Image
+
+    with Image.open(path) as gif:  # one frame per step (Pillow merges identical neighbours, adding their times)
+        assert gif.format == "GIF" and gif.is_animated
+        total = 0
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            total += gif.info["duration"]
+        assert total == 7 * 120 + 1500
+    assert page.inner_text("#txt2img_token_counter").strip() == "3/75"
+    page.context.close()
+
+
+def test_bad_size_shows_a_readable_error_and_the_server_keeps_serving(browser, server):
+    page = open_page(browser, server)
+    fill_job(page, "a circle", steps=2)
+    set_number(page, "txt2img_width", 100)
+    page.click("#txt2img_generate")
+    text = wait_progress(page, "multiple of 8")
+    assert "width must be a multiple of 8, got 100" in text
+    set_number(page, "txt2img_width", 64)
+    page.click("#txt2img_generate")
+    wait_progress(page, "^Done")
+    page.context.close()
+
+
+def test_interrupt_stops_only_the_pressers_job(browser, server):
+    a, b = open_page(browser, server), open_page(browser, server)
+    fill_job(a, "a long job", "red", steps=150, batch_size=8, batch_count=20)
+    a.click("#txt2img_generate")
+    a.wait_for_function("document.querySelectorAll('#txt2img_preview_gallery .thumbnail-item').length >= 2")
+    b.click("#txt2img_interrupt")  # b has no job: nothing of a's may stop
+    n = len(captions(a))
+    a.wait_for_function(f"document.querySelectorAll('#txt2img_preview_gallery .thumbnail-item').length > {n + 1}")
+    assert re.search(r"Step \d+/150 · batch 1/20 · \d+% · [\d.]+ s left", progress_text(a)), progress_text(a)
+    start = time.monotonic()
+    a.click("#txt2img_interrupt")
+    text = wait_progress(a, "^Interrupted", timeout=30_000)
+    assert time.monotonic() - start < 20
+    assert 1 <= result_count(a) <= 8  # the interrupted batch's last predictions, no further batches
+    assert re.match(r"Interrupted at step \d+/150", text)
+    assert len(captions(a)) < 150
+    a.context.close()
+    b.context.close()
+
+
+def test_two_sessions_generating_at_once_each_see_their_own_previews(browser, server):
+    a, b = open_page(browser, server), open_page(browser, server)
+    fill_job(a, "first person's prompt", "green", steps=7, seed=11)
+    fill_job(b, "second person's prompt", "yellow", steps=5, batch_size=2, seed=22)
+    b.locator("#txt2img_preview_subject").get_by_label("All three").check()  # b's choice, not a's
+    a.click("#txt2img_generate")
+    b.click("#txt2img_generate")
+    wait_progress(a, "^Done")
+    wait_progress(b, "^Done")
+    assert captions(a) == [f"Step {i}/7" for i in range(1, 8)]
+    assert captions(b) == [f"Step {i}/5" for i in range(1, 6)]
+    assert "first person's prompt" in a.inner_text("#html_info_txt2img")
+    assert "second person's prompt" in b.inner_text("#html_info_txt2img")
+    assert result_count(a) == 1 and result_count(b) == 2
+
+    def preview_sizes(page):
+        return page.eval_on_selector_all("#txt2img_preview_gallery .thumbnail-item img",
+                                         "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+
+    a.wait_for_function("[...document.querySelectorAll('#txt2img_preview_gallery img')].every(i => i.complete)")
+    b.wait_for_function("[...document.querySelectorAll('#txt2img_preview_gallery img')].every(i => i.complete)")
+    assert set(map(tuple, preview_sizes(a))) == {(64, 64)}  # combined, one image
+    assert set(map(tuple, preview_sizes(b))) == {(3 * 64, 2 * 64)}  # combined | prompt | negative, 2 rows
+    assert "combined | prompt | negative" in b.inner_text("#txt2img_preview_gallery")
+    a.context.close()
+    b.context.close()
+
+
+def test_png_info_round_trip_fills_txt2img(browser, server, tmp_path):
+    pngs = sorted(server.outdir.rglob("*.png"))
+    assert pngs, "earlier tests saved images"
+    source = tmp_path / "picture.png"
+    shutil.copy(pngs[0], source)
+    from PIL import Image
+
+    with Image.open(source) as im:
+        parameters = im.info["parameters"]
+    page = open_page(browser, server)
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(source))
+    page.wait_for_function("document.querySelector('#pnginfo_html').innerText.includes('Negative prompt:')")
+    assert "Steps:" in page.inner_text("#pnginfo_html")
+    page.click("#pnginfo_send_to_txt2img")
+    page.wait_for_selector("#txt2img_prompt textarea", state="visible")
+    from modules.images import parse_generation_parameters
+
+    expected = parse_generation_parameters(parameters)
+    page.wait_for_function("v => document.querySelector('#txt2img_prompt textarea').value === v",
+                           arg=expected["Prompt"])
+    assert page.input_value("#txt2img_neg_prompt textarea") == expected["Negative prompt"]
+    assert page.input_value("#txt2img_steps input[type=number]") == expected["Steps"]
+    assert page.input_value("#txt2img_seed input") == expected["Seed"]
+    assert page.input_value("#txt2img_width input[type=number]") == expected["Size-1"]
+    page.context.close()

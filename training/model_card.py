@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Write the tiny-shapes model card (README.md) from train_log.json and eval.json.
+
+    python training/model_card.py --model models/Stable-diffusion/tiny-shapes [--note TEXT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "Stable-diffusion" / "tiny-shapes"
+TRAIN_CMD = "python training/train_tiny_shapes.py --threads 1"
+
+
+def pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def ok(x, target):
+    if x is None:
+        return "n/a"
+    return "met" if x >= target else "**not met**"
+
+
+def folder_sizes(model: Path):
+    rows, total = [], 0
+    for f in sorted(model.rglob("*")):
+        if f.is_file():
+            total += f.stat().st_size
+            if f.stat().st_size > 100_000:
+                rows.append((str(f.relative_to(model)), f.stat().st_size))
+    return rows, total
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--note", action="append", default=[], help="extra paragraph(s) for the card")
+    ap.add_argument("--train-command", default=TRAIN_CMD)
+    args = ap.parse_args(argv)
+    model = Path(args.model)
+    tl = json.loads((model / "train_log.json").read_text())
+    ev = json.loads((model / "eval.json").read_text()) if (model / "eval.json").exists() else {}
+    cfg = tl["config"]
+    unet_loss = tl["unet_loss"]
+    n = len(unet_loss)
+    last = sum(unet_loss[-200:]) / max(1, len(unet_loss[-200:]))
+    vae_last = sum(tl["vae_mse"][-100:]) / max(1, len(tl["vae_mse"][-100:]))
+    ev_by = {e["event"]: e for e in tl.get("events", [])}
+
+    def minutes(ev_name, key="wall"):
+        e = ev_by.get(ev_name)
+        return f"{e[key] / 60:.1f}" if e else "?"
+
+    L = []
+    L.append("# tiny-shapes: the embedded default model\n")
+    L.append("A small text-to-image model with the Stable Diffusion 1.x architecture and file format "
+             "(diffusers `StableDiffusionPipeline` folder), trained from scratch on CPU by this project "
+             "on procedural images: one circle / square / triangle in red, green, blue, yellow or purple "
+             "on a white, black or gray background, 64x64 pixels. It exists so that `./launch.sh` works "
+             "without downloading weights and goes through exactly the code path real checkpoints use.\n")
+    L.append("Prompts it knows: `a {color} {shape} on a {background} background`, partial forms "
+             "(`a red shape on a gray background`, `a circle`, ...) and tag lists "
+             "(`red, circle, white background`, or a bare word such as `red`, as negative prompts use). "
+             "Empty prompt = unconditional. Default size 64x64.\n")
+    for note in args.note:
+        L.append(note + "\n")
+
+    L.append("## Components\n")
+    L.append("| part | class | config |\n|---|---|---|")
+    L.append(f"| vae | `AutoencoderKL` | block_out_channels {cfg['vae_channels']}, 4 latent channels, "
+             f"64x64 -> 16x16, scaling_factor {tl['scaling_factor']:.4f} (= 1/std of the training latents) |")
+    L.append(f"| unet | `UNet2DConditionModel` | block_out_channels {cfg['unet_channels']}, layers_per_block 1, "
+             f"cross-attention in the two higher-resolution levels (+ mid block), cross_attention_dim "
+             f"{cfg['text_hidden']}, sample_size 16 |")
+    L.append(f"| text_encoder | `CLIPTextModel` | hidden {cfg['text_hidden']}, {cfg['text_layers']} layers, "
+             f"{cfg['text_heads']} heads, 77 positions, vocab 49,408 (bos 49406, eos/pad 49407) |")
+    L.append("| tokenizer | `CLIPTokenizer` | the real CLIP BPE (vocab.json + merges.txt), rebuilt offline by "
+             "`scripts/build_clip_tokenizer.py` from `open_clip/bpe_simple_vocab_16e6.txt.gz` in the "
+             "`open_clip_torch` wheel on PyPI (copied from `configs/clip-tokenizer/`) |")
+    L.append("| scheduler | `DDIMScheduler` | 1000 steps, scaled_linear 0.00085-0.012, clip_sample false, "
+             "set_alpha_to_one false, steps_offset 1, epsilon prediction, leading spacing |")
+    L.append("")
+    L.append("Weights are stored in float16 (safetensors); on CPU load them with "
+             "`torch_dtype=torch.float32`. `latent_rgb.json` holds per-channel latent-to-RGB factors "
+             "(4x3, rows = latent channels, columns = R, G, B) and a bias, fitted by least squares from "
+             "**scaled** latents (multiplied by `scaling_factor`, i.e. what the UNet sees) to the "
+             "VAE-decoded image averaged down to 16x16, output in [-1, 1]: "
+             "`rgb = latents @ factors + bias`, for cheap previews.\n")
+    rows, total = folder_sizes(model)
+    L.append(f"Folder size: {total / 1e6:.1f} MB; largest files: " +
+             ", ".join(f"`{r}` {s / 1e6:.1f} MB" for r, s in rows) + ".\n")
+
+    L.append("## Training\n")
+    L.append("```bash\n. .venv/bin/activate && export HF_HUB_OFFLINE=1\n"
+             f"{args.train_command}            # writes this folder; checkpoints in /work/tiny-shapes-train\n"
+             f"{args.train_command} --resume   # continue an interrupted run from its last checkpoint\n```\n")
+    L.append(f"Wall time {tl['wall_minutes']:.1f} min, CPU time {tl['cpu_minutes']:.1f} min "
+             f"(process CPU time, all threads) with {cfg['threads']} torch thread(s) on a 2-core machine "
+             f"shared with other work (VAE done at {minutes('vae_done')} min, latent pool at "
+             f"{minutes('encode_done')} min, UNet done at {minutes('unet_done')} min).\n")
+    L.append("Recipe (`training/train_tiny_shapes.py`, data in `training/shapes.py`):\n")
+    L.append(f"1. VAE: {cfg['vae_steps']} steps, batch {cfg['vae_batch']} of fresh procedural images, "
+             f"loss MSE + {cfg['vae_l1']} L1 + {cfg['vae_kl']:g} KL, AdamW {cfg['vae_lr']:g} with warm-up "
+             f"and cosine decay. Reconstruction MSE on the pool's first images (range [-1, 1]): "
+             f"**{tl.get('recon_mse') or float('nan'):.5f}** (training batches, last 100 steps: {vae_last:.5f}).")
+    L.append(f"2. Latent pool: {cfg['pool']:,} images encoded once (posterior mean), cached in the work dir; "
+             f"scaling_factor = 1/std = {tl['scaling_factor']:.4f}.")
+    L.append(f"3. UNet + text encoder jointly from scratch: {n:,} steps (of {cfg['unet_steps']:,} planned), "
+             f"batch {cfg['batch']}, AdamW {cfg['lr']:g} (weight decay {cfg['wd']}, none on the token and "
+             f"position embeddings, so rows of tokens the captions never use stay as initialised), "
+             f"{cfg['warmup']} warm-up steps then cosine decay; epsilon prediction with offset noise "
+             f"(noise + {cfg['offset_noise']} * randn(B, C, 1, 1), lets the model set the global "
+             f"brightness, i.e. the background), min-SNR-{cfg['min_snr']:g} loss weighting, gradient "
+             f"clipping {cfg['grad_clip']}, EMA {cfg['ema']} of UNet and text-encoder weights (exported). "
+             f"A caption is drawn fresh each step from the image's attributes: sentence or tag style, "
+             f"each attribute dropped with probability 0.25, 10% empty.")
+    L.append("4. Export: EMA weights in float16, `latent_rgb.json`, loss log (`train_log.json`, "
+             "`train_loss.csv`) and `loss_curve.png`.\n")
+    L.append(f"Final UNet loss (unweighted epsilon MSE, mean of the last 200 steps): **{last:.4f}**.\n")
+    L.append("Every random draw of step k comes from a seed derived from (seed, phase, k); a checkpoint "
+             f"(models, optimizers, EMA, RNG states, phase, step, elapsed time) is written every "
+             f"{cfg['ckpt_minutes']:g} minutes, and `--resume` reproduces the uninterrupted run bit for bit at "
+             "the same thread count (`tests/test_training_resume.py`).\n")
+    L.append("![loss curve](loss_curve.png)\n")
+
+    L.append("## Evaluation\n")
+    if ev:
+        L.append("```bash\n" + ev.get("command", "python training/evaluate.py all") + "\n```\n")
+        L.append(f"{ev.get('sampler', 'DDIM 20 steps, CFG 7')}, initial latents "
+                 "`torch.randn((4,16,16), generator=torch.Generator('cpu').manual_seed(seed))`, judged from "
+                 "pixels by `training/shapes.py:judge` (background from the border, object mask, colour "
+                 "from the mask's median, shape from how it fills its bounding box).\n")
+        p = ev.get("prompts")
+        if p:
+            a = p["accuracy"]
+            L.append(f"### The 45 fully specified prompts ({p['seeds_per_prompt']} seeds each, "
+                     f"{p['images']} images)\n")
+            L.append("| | measured | target | |\n|---|---|---|---|")
+            L.append(f"| colour | {pct(a['color'])} | 95% | {ok(a['color'], 0.95)} |")
+            L.append(f"| shape | {pct(a['shape'])} | 85% | {ok(a['shape'], 0.85)} |")
+            L.append(f"| background | {pct(a['background'])} | 95% | {ok(a['background'], 0.95)} |")
+            L.append(f"| all three | {pct(a['all_three'])} | | |")
+            L.append("")
+            L.append("Shape accuracy by shape: " + ", ".join(
+                f"{k} {pct(v)}" for k, v in p["shape_accuracy_by_shape"].items()) +
+                "; background confusions (truth->judged): " +
+                (", ".join(f"{k} {v}" for k, v in p["background_confusions"].items()) or "none") + ".\n")
+            L.append("Contact sheet (seed 0; rows: colour, columns: shape x background):\n")
+            L.append("![contact sheet](contact_sheet.png)\n")
+        ng = ev.get("negatives")
+        if ng:
+            L.append("### Negative prompts\n")
+            L.append("| prompt | negative | named, without -> with negative | removal (target 90%) | "
+                     "kept with negative (target 90%) |\n|---|---|---|---|---|")
+            for k, v in ng.items():
+                prompt, neg = k.split(" | -")
+                L.append(f"| `{prompt}` | `{neg}` | {v['named']}: {pct(v['rate_without_negative'])} -> "
+                         f"{pct(v['rate_with_negative'])} ({v['seeds']} seeds) | {pct(v['removal'])} | "
+                         f"{v['kept']}: {pct(v['keep_rate_with_negative'])} (without negative: "
+                         f"{pct(v['keep_rate_without_negative'])}) |")
+            L.append("")
+        sc = ev.get("schedule")
+        if sc:
+            L.append("### Prompt editing\n")
+            for k, v in sc.items():
+                L.append(f"`{k}` ({v['switch']}, {v['seeds']} seeds): blue {pct(v['blue_rate'])}, red "
+                         f"{pct(v['red_rate'])}, square {pct(v['square_rate'])}, black background "
+                         f"{pct(v['black_rate'])} (plain red prompt gives blue in "
+                         f"{pct(v['blue_rate_plain_red_prompt'])}). Generated by switching the prompt "
+                         "embeddings after step 2 of 20 (diffusers' `callback_on_step_end`), as the "
+                         "engine's prompt editing will.\n")
+    else:
+        L.append("Not evaluated yet: `python training/evaluate.py all`.\n")
+    (model / "README.md").write_text("\n".join(L) + "\n")
+    print(f"wrote {model / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,538 @@
+"""AUTOMATIC1111's HTTP API (/sdapi/v1) on this project's engine, so its clients work unchanged.
+
+The txt2img request model is generated from `StableDiffusionProcessingTxt2Img`'s fields (a
+field added to the dataclass becomes a JSON field here with no change to this file), plus
+the API-only fields AUTOMATIC1111 adds (`sampler_index`, `send_images`, `save_images`,
+`script_name`, `alwayson_scripts`, ...). Fields of features this project does not have are
+accepted and ignored while they are off; turned on, they are refused with a 422 naming
+them. Every error a client can cause is a 4xx with a `detail`: the engine's `UserError`s
+carry their status code (422 bad value, 404 unknown sampler or checkpoint).
+
+Jobs go through `WebUIContext.txt2img`, the queue the UI uses too, so progress and
+interrupt see whichever job is running, whoever sent it.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import math
+import secrets
+import time
+import typing
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from PIL import Image, PngImagePlugin
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+
+from modules import images as images_module
+from modules import sd_samplers
+from modules.errors import InvalidParameter, SamplerNotFound, UserError
+from modules.job_state import JobState
+from modules.processing import StableDiffusionProcessingTxt2Img
+from webui.context import WebUIContext
+
+# Dataclass fields a client may not set: where files are written is the server's business.
+NOT_FROM_API = {"outpath_samples", "do_not_save_samples"}
+
+# AUTOMATIC1111's request fields for features this project does not implement. Each is
+# ignored while its value says "off"; anything else is a 422 that names the feature.
+UNIMPLEMENTED: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
+    "enable_hr": ("hires fix (enable_hr)", lambda v: bool(v)),
+    "restore_faces": ("face restoration (restore_faces)", lambda v: bool(v)),
+    "tiling": ("tiling", lambda v: bool(v)),
+    "script_name": ("scripts (script_name)", lambda v: v not in (None, "", "None")),
+    "alwayson_scripts": ("always-on scripts (alwayson_scripts)", lambda v: bool(v)),
+    "seed_resize_from_w": ("resize seed from width (seed_resize_from_w)", lambda v: v is not None and v > 0),
+    "seed_resize_from_h": ("resize seed from height (seed_resize_from_h)", lambda v: v is not None and v > 0),
+    "refiner_checkpoint": ("refiner (refiner_checkpoint)", lambda v: v not in (None, "", "None")),
+}
+
+# AUTOMATIC1111's fields that exist only in its API request, with their defaults there.
+API_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    "sampler_index": (str, "Euler", "Legacy name of sampler_name; used when sampler_name is not given"),
+    "scheduler": (Optional[str], None, "Schedule type (Automatic, Karras, ...) where the sampler supports it"),
+    "send_images": (bool, True, "Return the images as base64 PNG"),
+    "save_images": (bool, False, "Also save the images under the server's output folder"),
+    "script_name": (Optional[str], None, "Not supported: must be null"),
+    "script_args": (list, [], "Ignored"),
+    "alwayson_scripts": (dict, {}, "Not supported: must be empty"),
+    "override_settings": (Optional[dict], None,
+                          "Honoured: sd_model_checkpoint, CLIP_stop_at_last_layers; other keys are ignored"),
+    "override_settings_restore_afterwards": (bool, True, "False keeps an overriding sd_model_checkpoint loaded"),
+    "infotext": (Optional[str], None, "Infotext whose values fill the fields the request does not set"),
+    "force_task_id": (Optional[str], None, "Ignored"),
+    "enable_hr": (bool, False, "Not supported: must be false"),
+    "restore_faces": (Optional[bool], None, "Not supported: must be false"),
+    "tiling": (Optional[bool], None, "Not supported: must be false"),
+    "seed_resize_from_w": (int, -1, "Not supported: must be -1 or 0"),
+    "seed_resize_from_h": (int, -1, "Not supported: must be -1 or 0"),
+    "refiner_checkpoint": (Optional[str], None, "Not supported: must be null"),
+    "do_not_save_grid": (bool, False, "Ignored: no grid is made"),
+}
+
+SAMPLER_NOT_FOUND = "Sampler not found"
+PREVIEW_MAX_SIDE = 1024
+
+# AUTOMATIC1111's schedule types (modules/sd_schedulers.py), served by /schedulers when the
+# sampler registry does not publish its own list.
+A1111_SCHEDULERS = [
+    ("automatic", "Automatic", [], None, False), ("uniform", "Uniform", [], None, True),
+    ("karras", "Karras", [], 7.0, False), ("exponential", "Exponential", [], None, False),
+    ("polyexponential", "Polyexponential", [], 1.0, False), ("sgm_uniform", "SGM Uniform", ["SGMUniform"], None, True),
+    ("kl_optimal", "KL Optimal", [], None, False), ("align_your_steps", "Align Your Steps", [], None, False),
+    ("simple", "Simple", [], None, True), ("normal", "Normal", [], None, True), ("ddim", "DDIM", [], None, True),
+    ("beta", "Beta", [], None, True),
+]
+
+
+def _pydantic_type(tp: Any) -> Any:
+    """The field's annotation if pydantic can validate it, else Any (the engine's validate checks it)."""
+    try:
+        TypeAdapter(tp)
+        return tp
+    except Exception:
+        return Any
+
+
+def processing_fields() -> dict[str, dataclasses.Field]:
+    """StableDiffusionProcessingTxt2Img's fields that a request may set."""
+    return {f.name: f for f in dataclasses.fields(StableDiffusionProcessingTxt2Img)
+            if f.init and not f.name.startswith("_") and f.name not in NOT_FROM_API}
+
+
+def build_txt2img_request_model() -> type[BaseModel]:
+    """The txt2img request: every processing field (optional, its dataclass default), plus API_FIELDS.
+
+    Unknown fields are allowed (AUTOMATIC1111's clients send many); `null` means "the default".
+    """
+    hints = typing.get_type_hints(StableDiffusionProcessingTxt2Img)
+    fields: dict[str, Any] = {}
+    for name, f in processing_fields().items():
+        tp = Optional[_pydantic_type(hints.get(name, Any))]
+        if name in ("width", "height"):
+            fields[name] = (tp, Field(default=None, description="Default: the model's training size (512 for SD 1.x)"))
+        elif name == "sampler_name":
+            fields[name] = (tp, Field(default=None, description="Sampler name or alias; see /sdapi/v1/samplers"))
+        elif f.default is not dataclasses.MISSING:
+            fields[name] = (tp, Field(default=f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            fields[name] = (tp, Field(default_factory=f.default_factory))
+        else:
+            fields[name] = (tp, Field(default=None))
+    for name, (tp, default, description) in API_FIELDS.items():
+        if name not in fields:
+            fields[name] = (Optional[tp], Field(default=default, description=description))
+    return create_model("StableDiffusionProcessingTxt2Img", __config__=ConfigDict(extra="allow"), **fields)
+
+
+class TextToImageResponse(BaseModel):
+    images: Optional[list[str]] = Field(default=None, description="The generated images, base64 PNG with infotext")
+    parameters: dict
+    info: str
+
+
+class PNGInfoRequest(BaseModel):
+    image: str = Field(description="The image: base64, or a data:image/...;base64, URI")
+
+
+class PNGInfoResponse(BaseModel):
+    info: str
+    items: dict
+    parameters: dict
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict
+    current_image: Optional[str] = None
+    textinfo: Optional[str] = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: Optional[list[str]] = None
+    default_rho: Optional[float] = None
+    need_inner_model: Optional[bool] = None
+
+
+class SDModelItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    title: str
+    model_name: str
+    hash: Optional[str] = None
+    sha256: Optional[str] = None
+    filename: str
+    config: Optional[str] = None
+
+
+def encode_pil_to_base64(image: Image.Image, infotext: str | None) -> str:
+    """A PNG with the infotext in its `parameters` chunk, base64 (as AUTOMATIC1111's API sends it)."""
+    pnginfo = PngImagePlugin.PngInfo()
+    if infotext:
+        pnginfo.add_text("parameters", infotext)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=pnginfo)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_base64_to_image(text: str) -> Image.Image:
+    """Raw base64 or a data URI -> an opened image; anything else is a 422, never a 500."""
+    text = text.strip()
+    if text.startswith(("http://", "https://")):
+        raise InvalidParameter("Image URLs are not accepted: send the image as base64", field="image")
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or ";base64" not in header:
+            raise InvalidParameter("Invalid encoded image: a data URI must be base64", field="image")
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidParameter(f"Invalid encoded image: not base64 ({e})", field="image") from e
+    try:
+        image = Image.open(io.BytesIO(data))
+        try:
+            image.load()  # text chunks after the image data are only read here
+        except Exception:
+            pass
+    except Exception as e:
+        raise InvalidParameter(f"Invalid encoded image: {type(e).__name__}: {e}", field="image") from e
+    return image
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN/Infinity: Python's JSON reads them, strict JSON cannot carry them back
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return None
+    return str(value)
+
+
+def schedulers_list() -> list[dict]:
+    """The registry's schedule types if it publishes them (modules.sd_schedulers or
+    sd_samplers.schedulers), else AUTOMATIC1111's list."""
+    source = None
+    try:
+        from modules import sd_schedulers  # type: ignore[attr-defined]
+
+        source = getattr(sd_schedulers, "schedulers", None)
+    except ImportError:
+        pass
+    if source is None:
+        source = getattr(sd_samplers, "schedulers", None) or getattr(sd_samplers, "all_schedulers", None)
+    if source:
+        out = []
+        for s in source:
+            if isinstance(s, str):
+                out.append({"name": s.lower().replace(" ", "_"), "label": s, "aliases": [], "default_rho": None,
+                            "need_inner_model": None})
+            else:
+                out.append({"name": getattr(s, "name", str(s)), "label": getattr(s, "label", getattr(s, "name", "")),
+                            "aliases": list(getattr(s, "aliases", None) or []),
+                            "default_rho": getattr(s, "default_rho", None),
+                            "need_inner_model": getattr(s, "need_inner_model", None)})
+        return out
+    return [{"name": n, "label": label, "aliases": a, "default_rho": rho, "need_inner_model": inner}
+            for n, label, a, rho, inner in A1111_SCHEDULERS]
+
+
+def resolve_sampler(name: str, scheduler: str | None) -> tuple[str, str | None]:
+    """A sampler name (or legacy `DPM++ 2M Karras`) and schedule type -> the registry's (name, schedule label).
+
+    Uses the registry's `get_sampler_and_scheduler` (AUTOMATIC1111's name for it) where it has
+    one; raises SamplerNotFound (404) for an unknown sampler, InvalidParameter (422) for an
+    unknown schedule type. Checked here so that a bad request fails before it queues.
+    """
+    helper = getattr(sd_samplers, "get_sampler_and_scheduler", None)
+    if helper is not None:
+        data, sched = helper(name, scheduler)
+        return (getattr(data, "name", data),
+                getattr(sched, "label", sched) if sched is not None else None)
+    data = sd_samplers.find_sampler_config(name)
+    if data is None:
+        raise SamplerNotFound(SAMPLER_NOT_FOUND, field="sampler_name")
+    return data.name, scheduler
+
+
+def default_sampler() -> str:
+    """AUTOMATIC1111's API default ("Euler") where the registry has it, else the registry's first."""
+    data = sd_samplers.find_sampler_config("Euler")
+    return data.name if data is not None else sd_samplers.all_samplers[0].name
+
+
+class Api:
+    """The /sdapi/v1 routes on a FastAPI app, for one WebUIContext."""
+
+    def __init__(self, app: FastAPI, ctx: WebUIContext, auth: list[tuple[str, str]] | None = None,
+                 log: bool = False):
+        self.app, self.ctx = app, ctx
+        self.credentials = {u: p for u, p in (auth or [])}
+        self.Txt2ImgRequest = build_txt2img_request_model()
+        dependencies = [Depends(self.auth)] if self.credentials else []
+        router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies, tags=["sdapi"])
+        Txt2Img = self.Txt2ImgRequest
+
+        def txt2img(req: Txt2Img) -> TextToImageResponse:  # type: ignore[valid-type]
+            return self.text2imgapi(req)
+
+        txt2img.__annotations__ = {"req": Txt2Img, "return": TextToImageResponse}  # a real class, not a string
+        router.add_api_route("/txt2img", txt2img, methods=["POST"], response_model=TextToImageResponse)
+        router.add_api_route("/progress", self.progressapi, methods=["GET"], response_model=ProgressResponse)
+        router.add_api_route("/interrupt", self.interruptapi, methods=["POST"])
+        router.add_api_route("/skip", self.skipapi, methods=["POST"])
+        router.add_api_route("/png-info", self.pnginfoapi, methods=["POST"], response_model=PNGInfoResponse)
+        router.add_api_route("/samplers", self.get_samplers, methods=["GET"], response_model=list[SamplerItem])
+        router.add_api_route("/schedulers", self.get_schedulers, methods=["GET"], response_model=list[SchedulerItem])
+        router.add_api_route("/sd-models", self.get_sd_models, methods=["GET"], response_model=list[SDModelItem])
+        router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
+        router.add_api_route("/options", self.get_config, methods=["GET"])
+        router.add_api_route("/options", self.set_config, methods=["POST"])
+        router.add_api_route("/cmd-flags", self.get_cmd_flags, methods=["GET"])
+        router.add_api_route("/scripts", self.get_scripts_list, methods=["GET"])
+        router.add_api_route("/prompt-styles", self.get_prompt_styles, methods=["GET"])
+        router.add_api_route("/sd-vae", self.get_sd_vaes, methods=["GET"])
+        app.include_router(router)
+        install_error_handlers(app)
+        if log:
+            install_api_log(app)
+
+    # -- auth --------------------------------------------------------------------------------
+    def auth(self, credentials: Optional[HTTPBasicCredentials] = Depends(HTTPBasic(auto_error=False))) -> bool:
+        if credentials is not None and credentials.username in self.credentials and secrets.compare_digest(
+                credentials.password.encode(), self.credentials[credentials.username].encode()):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    # -- txt2img -----------------------------------------------------------------------------
+    def make_processing(self, req: BaseModel) -> tuple[StableDiffusionProcessingTxt2Img, Any, bool]:
+        """Request -> (processing parameters, checkpoint to run on or None, keep it loaded)."""
+        sent = {k for k in req.model_fields_set if getattr(req, k, None) is not None}
+        data = req.model_dump()
+        extra = req.model_extra or {}
+        for name, (feature, is_on) in UNIMPLEMENTED.items():
+            value = data.get(name, extra.get(name))
+            try:
+                on = is_on(value)
+            except TypeError:
+                on = True
+            if on:
+                raise InvalidParameter(f"{feature} is not supported by this server", field=name)
+
+        fields = processing_fields()
+        values = {name: data[name] for name in fields if name in sent}
+        if data.get("infotext"):  # values from an infotext fill what the request left out
+            parsed = images_module.infotext_to_fields(images_module.parse_generation_parameters(data["infotext"]))
+            for name, value in parsed.items():
+                if name in fields and name not in values and name != "sampler_name":
+                    values[name] = value
+            if "sampler_name" in parsed and "sampler_name" not in sent and "sampler_index" not in sent:
+                values["sampler_name"] = parsed["sampler_name"]
+
+        overrides = data.get("override_settings") or {}
+        if "clip_skip" in fields and "clip_skip" not in values:
+            clip = overrides.get("CLIP_stop_at_last_layers", self.ctx.options.get("CLIP_stop_at_last_layers"))
+            if clip is not None:
+                values["clip_skip"] = clip
+        checkpoint = None
+        name = overrides.get("sd_model_checkpoint")
+        if name is not None:
+            if not isinstance(name, str):
+                raise InvalidParameter("override_settings.sd_model_checkpoint must be a checkpoint title",
+                                       field="sd_model_checkpoint")
+            checkpoint = self.ctx.find_checkpoint(name)
+
+        sampler = values.get("sampler_name") or (data.get("sampler_index") if "sampler_index" in sent else None) \
+            or default_sampler()
+        if not isinstance(sampler, str):
+            raise InvalidParameter("sampler_name must be text", field="sampler_name")
+        scheduler = values.get("scheduler", data.get("scheduler"))
+        sampler, scheduler = resolve_sampler(sampler, scheduler)
+        values["sampler_name"] = sampler
+        if "scheduler" in fields and scheduler is not None:
+            values["scheduler"] = scheduler
+
+        model = self.ctx.model
+        size = model.default_size if model is not None else 512
+        values.setdefault("width", size)
+        values.setdefault("height", size)
+        for key in ("seed", "subseed"):
+            v = values.get(key)
+            if isinstance(v, int) and not -(2 ** 63) <= v < 2 ** 63 - 10_000:
+                raise InvalidParameter(f"{key} is out of range", field=key)
+        save = bool(data.get("save_images"))
+        p = StableDiffusionProcessingTxt2Img(**values, do_not_save_samples=not save,
+                                             outpath_samples=str(self.ctx.args.outdir_samples))
+        return p, checkpoint, not data.get("override_settings_restore_afterwards", True)
+
+    def text2imgapi(self, req: BaseModel) -> dict:
+        p, checkpoint, keep = self.make_processing(req)
+        processed = self.ctx.txt2img(p, JobState(), checkpoint=checkpoint, keep_checkpoint=keep)
+        send = req.model_dump().get("send_images", True)
+        images = [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)] \
+            if send is not False else []
+        return {"images": images, "parameters": _jsonable_dict(req.model_dump()), "info": json.dumps(processed.js())}
+
+    # -- progress, interrupt, skip -------------------------------------------------------------
+    async def progressapi(self, skip_current_image: bool = False) -> dict:
+        """A coroutine, like interrupt: it answers even while queued requests hold every worker thread."""
+        state = self.ctx.current_state
+        if state is None or not state.job:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": _state_dict(state, idle=True),
+                    "current_image": None, "textinfo": None}
+        progress, eta = state.progress()
+        current_image = None
+        info = state.current_step_info
+        if not skip_current_image and info is not None and getattr(info, "pred_x0", None) is not None:
+            current_image = self.preview(info.pred_x0)
+        return {"progress": progress, "eta_relative": eta, "state": _state_dict(state),
+                "current_image": current_image, "textinfo": state.textinfo}
+
+    def preview(self, latents) -> str | None:
+        """The running batch's latest pred_x0 through the cheap latent->RGB projection, as one PNG grid."""
+        from modules import sd_vae_approx
+
+        model = self.ctx.current_model or self.ctx.model
+        try:
+            rgb = sd_vae_approx.latents_to_rgb(model, latents)
+            cols = int(len(rgb) ** 0.5 + 0.999999)
+            # image size, but the grid at most PREVIEW_MAX_SIDE pixels wide: this runs on the event loop
+            scale = max(1, min(model.vae_scale_factor, PREVIEW_MAX_SIDE // max(1, cols * rgb.shape[-1])))
+            size = (rgb.shape[-1] * scale, rgb.shape[-2] * scale)
+            tiles = sd_vae_approx.to_pil(rgb, size)
+        except Exception:  # a preview must never fail the progress call
+            return None
+        rows = (len(tiles) + cols - 1) // cols
+        grid = Image.new("RGB", (cols * size[0], rows * size[1]))
+        for i, tile in enumerate(tiles):
+            grid.paste(tile, ((i % cols) * size[0], (i // cols) * size[1]))
+        return encode_pil_to_base64(grid, None)
+
+    # interrupt and skip are coroutines: they must answer even when every worker thread is
+    # taken by requests waiting in the queue
+    async def interruptapi(self) -> dict:
+        state = self.ctx.current_state
+        if state is not None:
+            state.interrupt()
+        return {}
+
+    async def skipapi(self) -> dict:
+        state = self.ctx.current_state
+        if state is not None:
+            state.skip()
+        return {}
+
+    # -- png-info ----------------------------------------------------------------------------
+    def pnginfoapi(self, req: PNGInfoRequest) -> dict:
+        if not req.image.strip():
+            return {"info": "", "items": {}, "parameters": {}}
+        image = decode_base64_to_image(req.image)
+        items = {k: _jsonable(v) for k, v in (image.info or {}).items() if not isinstance(v, bytes)}
+        geninfo = items.pop("parameters", None) or ""
+        for key in ("dpi", "exif", "icc_profile", "loop", "duration", "background", "transparency"):
+            items.pop(key, None)
+        params = images_module.parse_generation_parameters(geninfo) if geninfo else {}
+        return {"info": geninfo, "items": items, "parameters": params}
+
+    # -- lists -------------------------------------------------------------------------------
+    def get_samplers(self) -> list[dict]:
+        return [{"name": s.name, "aliases": list(s.aliases), "options": dict(s.options)}
+                for s in sd_samplers.all_samplers]
+
+    def get_schedulers(self) -> list[dict]:
+        return schedulers_list()
+
+    def get_sd_models(self) -> list[dict]:
+        return [{"title": c.title, "model_name": c.model_name, "hash": c.shorthash, "sha256": c.sha256,
+                 "filename": str(c.path), "config": None} for c in self.ctx.checkpoints]
+
+    def refresh_checkpoints(self) -> None:
+        self.ctx.refresh_checkpoints()
+
+    def get_config(self) -> dict:
+        return self.ctx.get_options()
+
+    def set_config(self, req: dict[str, Any]) -> None:
+        self.ctx.set_options(req)
+
+    def get_cmd_flags(self) -> dict:
+        flags = {k: _jsonable(v) for k, v in vars(self.ctx.args).items()}
+        for secret in ("api_auth", "gradio_auth"):
+            if flags.get(secret):
+                flags[secret] = "***"
+        return flags
+
+    def get_scripts_list(self) -> dict:
+        return {"txt2img": [], "img2img": []}
+
+    def get_prompt_styles(self) -> list:
+        return []
+
+    def get_sd_vaes(self) -> list:
+        return []
+
+
+def _jsonable_dict(d: dict) -> dict:
+    return _jsonable(d)
+
+
+def _state_dict(state: JobState | None, idle: bool = False) -> dict:
+    """AUTOMATIC1111's `shared.state.dict()`."""
+    if state is None or idle:
+        return {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+                "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    return {"skipped": state.skipped, "interrupted": state.interrupted, "stopping_generation": False,
+            "job": state.job, "job_count": state.job_count, "job_timestamp": state.job_timestamp,
+            "job_no": state.job_no, "sampling_step": state.sampling_step, "sampling_steps": state.sampling_steps}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """UserError -> its 4xx with `detail`; a sampler AUTOMATIC1111's way ("Sampler not found")."""
+
+    async def user_error(request: Request, exc: UserError) -> JSONResponse:
+        detail = SAMPLER_NOT_FOUND if isinstance(exc, SamplerNotFound) else str(exc)
+        return JSONResponse(status_code=exc.status_code,
+                            content={"error": type(exc).__name__, "detail": detail, "body": "",
+                                     "errors": str(exc), "field": exc.field})
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422, made safe for inputs JSON cannot carry back (NaN, bytes)
+        return JSONResponse(status_code=422, content={"detail": _jsonable(jsonable_encoder(exc.errors()))})
+
+    app.add_exception_handler(UserError, user_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
+def install_api_log(app: FastAPI) -> None:
+    """--api-log: one line per API request (time, client, status, method, path, duration)."""
+
+    @app.middleware("http")
+    async def log_and_time(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        if request.url.path.startswith("/sdapi/"):
+            client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+            print(f"API {time.strftime('%Y-%m-%d %H:%M:%S')} {response.status_code} {request.method} "
+                  f"{request.url.path} {client} {time.perf_counter() - start:.3f}s", flush=True)
+        return response
