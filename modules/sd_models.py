@@ -294,16 +294,18 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
 def _place(device: torch.device, offload: str | None, unet, vae, encoders) -> torch.device | None:
     """Move the modules to `device`, or set up accelerate's CPU offload; returns the execution device
     when the weights rest elsewhere."""
-    if offload in ("medvram", "lowvram") and device.type != "cpu":
+    if offload in ("medvram", "lowvram"):  # (on the CPU it changes nothing, but runs the same code)
         import accelerate
 
+        # the text encoders move whole (their inputs are made on the device their weights report);
+        # with lowvram the UNet and VAE stream layer by layer, else they move whole too
+        whole = (*encoders,) if offload == "lowvram" else (*encoders, unet, vae)
+        hook = None
+        for module in whole:
+            _, hook = accelerate.cpu_offload_with_hook(module, execution_device=device, prev_module_hook=hook)
         if offload == "lowvram":
-            for module in (*encoders, unet, vae):
+            for module in (unet, vae):
                 accelerate.cpu_offload(module, execution_device=device)
-        else:
-            hook = None
-            for module in (*encoders, unet, vae):
-                _, hook = accelerate.cpu_offload_with_hook(module, execution_device=device, prev_module_hook=hook)
         return device
     for module in (unet, vae, *encoders):
         module.to(device)

@@ -108,7 +108,11 @@ all_samplers: list[SamplerData] = [
     SamplerData("DPM2 a", _diffusers("DPM2 a", "KDPM2AncestralDiscreteScheduler"), ["k_dpm_2_a"],
                 {"scheduler": "karras", "uses_ensd": True, "second_order": True}),
     SamplerData("PLMS", _plms, ["plms"], {}, schedule_types=()),
-    SamplerData("UniPC", _diffusers("UniPC", "UniPCMultistepScheduler"), ["unipc"], {}),
+    # AUTOMATIC1111's UniPC defaults: variant bh1, order 3, lower order final, ending at sigma_min (its
+    # "time_uniform" grid ends at t = 1/N; diffusers' bh1 step to sigma 0 would divide by zero)
+    SamplerData("UniPC", _diffusers("UniPC", "UniPCMultistepScheduler", solver_type="bh1", solver_order=3,
+                                    lower_order_final=True, predict_x0=True, final_sigmas_type="sigma_min"),
+                ["unipc"], {}),
 ]
 
 # Pre-1.9 AUTOMATIC1111 aliases of the combined names: `k_dpmpp_2m_ka` is DPM++ 2M with Karras.

@@ -6,6 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The test models are tiny: one thread is faster than two fighting over them (and than the server
+# subprocesses that browser and API tests start beside the test process).
+torch.set_num_threads(1)
 
 from tests.tiny_sd import build_tiny_sd  # noqa: E402
 

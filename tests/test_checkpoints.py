@@ -251,3 +251,54 @@ def test_old_sd1_text_encoder_layout(ckpts, tmp_path):
     a, b = sd_models.load_model(ckpts["sd1"][1], device="cpu"), sd_models.load_model(old, device="cpu")
     torch.testing.assert_close(a.get_learned_conditioning("a cat"), b.get_learned_conditioning("a cat"),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("folder,arch", [("sd15", "sd1"), ("sd2-v", "sd2"), ("sdxl-base", "sdxl")])
+def test_real_size_configs_are_inferred_from_shapes(folder, arch, tmp_path):
+    """A real SD 1.5 / 2.1 / SDXL base checkpoint's shapes (built on the meta device, no memory) give
+    back exactly the shipped configs: the loader would build the right modules for a real file."""
+    import accelerate
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from modules import sd_models_config
+
+    cfg = lambda c: sd_models_config.read_config(folder, c)  # noqa: E731
+    with accelerate.init_empty_weights():
+        unet = UNet2DConditionModel.from_config(cfg("unet"))
+        vae = AutoencoderKL.from_config(cfg("vae"))
+        te = [CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))]
+        if arch == "sdxl":
+            te.append(CLIPTextModelWithProjection(CLIPTextConfig(**cfg("text_encoder_2"))))
+    ldm = {**tc.unet_to_ldm(unet.state_dict(), unet.config), **tc.vae_to_ldm(vae.state_dict(), vae.config)}
+    if arch == "sdxl":
+        ldm.update(tc.clip_to_ldm(te[0].state_dict(), "conditioner.embedders.0.transformer."))
+        ldm.update(tc.openclip_to_ldm(te[1].state_dict(), "conditioner.embedders.1.model."))
+    elif arch == "sd2":
+        ldm.update(tc.openclip_to_ldm(te[0].state_dict(), "cond_stage_model.model.", extra_layer=True))
+    else:
+        ldm.update(tc.clip_to_ldm(te[0].state_dict(), "cond_stage_model.transformer."))
+    shapes = {k: tuple(v.shape) for k, v in ldm.items()}
+    got = sd_models_config.build_configs(shapes, tmp_path / "real.safetensors", {"modelspec.prediction_type": "v"})
+    assert got.arch == arch
+    for key in ("block_out_channels", "layers_per_block", "attention_head_dim", "cross_attention_dim",
+                "down_block_types", "up_block_types", "use_linear_projection", "transformer_layers_per_block",
+                "projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        default = False if key == "use_linear_projection" else None  # diffusers' default where the config omits it
+        assert got.unet.get(key, default) == cfg("unet").get(key, default), key
+    for key in ("block_out_channels", "layers_per_block", "latent_channels", "scaling_factor"):
+        assert got.vae[key] == cfg("vae")[key], key
+    for got_te, name in zip(got.text_encoders, ["text_encoder", "text_encoder_2"]):
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"):
+            assert got_te[key] == cfg(name)[key], (name, key)
+
+
+@pytest.mark.parametrize("offload", ["medvram", "lowvram"])
+def test_cpu_offload_gives_the_same_image(ckpts, offload):
+    """--medvram / --lowvram run through accelerate's offload hooks (on the CPU they move nothing,
+    but the same code runs: inputs follow the execution device, weights come back from their rest)."""
+    ref = sd_models.load_model(ckpts["sdxl"][1], device="cpu")
+    model = sd_models.load_model(ckpts["sdxl"][1], device="cpu", offload=offload)
+    assert model.execution_device == torch.device("cpu")
+    assert np.array_equal(pixels(txt2img(model, steps=2, prompt="a (red:1.1) circle").images[0]),
+                          pixels(txt2img(ref, steps=2, prompt="a (red:1.1) circle").images[0]))

@@ -83,8 +83,7 @@ class WebUIContext:
 
     def load_kwargs(self) -> dict:
         """load_model's arguments from the flags (--device, --no-half, --medvram, ...)."""
-        helper = getattr(sd_models, "load_kwargs_from_args", None)
-        return helper(self.args) if helper else {"device": getattr(self.args, "device", None)}
+        return sd_models.load_kwargs_from_args(self.args)
 
     def is_current(self, info: sd_models.CheckpointInfo) -> bool:
         return self.model is not None and Path(self.model.path).resolve() == Path(info.path).resolve()
@@ -103,7 +102,8 @@ class WebUIContext:
             return self._switch(Path(info.path))
 
     def _switch(self, path: Path) -> sd_models.SDModel:
-        model = sd_models.load_model(path, **self.load_kwargs())
+        """Load `path` and free the current model; if the load fails, the current one stays."""
+        model = sd_models.switch_model(self.model, path, **self.load_kwargs())
         self.model = model
         self.checkpoint = self._info_for_path(path)
         return model

@@ -23,7 +23,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image, PngImagePlugin
 
-from modules import images as images_module, sd_samplers
+from modules import images as images_module, sd_guidance, sd_samplers
 from modules.errors import UserError
 from modules.job_state import JobState
 from modules.processing import StableDiffusionProcessingTxt2Img
@@ -36,6 +36,7 @@ P_FIELDS = {f.name for f in dataclasses.fields(StableDiffusionProcessingTxt2Img)
 INT_FIELDS = {f.name for f in dataclasses.fields(StableDiffusionProcessingTxt2Img) if f.type in ("int", int)}
 FLOAT_FIELDS = {f.name for f in dataclasses.fields(StableDiffusionProcessingTxt2Img) if f.type in ("float", float)}
 UPDATE_INTERVAL = 0.25  # seconds between streamed updates while a job runs
+CLEANUP_DELAY = 30.0  # seconds between a session's end and the deletion of its files
 
 
 def gallery_interval(n: int) -> float:
@@ -85,6 +86,16 @@ class SessionJobs:
         with self._lock:
             if self._jobs.get(key) is state:
                 del self._jobs[key]
+
+    def close(self, key: str) -> None:
+        """The session ended (tab closed or reloaded): stop its job and delete its files."""
+        self.interrupt(key)
+        with self._lock:
+            old = self._dirs.pop(key, None)
+        if old is not None:  # a little later: the closing page may still be fetching thumbnails
+            timer = threading.Timer(CLEANUP_DELAY, shutil.rmtree, args=(old,), kwargs={"ignore_errors": True})
+            timer.daemon = True
+            timer.start()
 
     def interrupt(self, key: str) -> bool:
         with self._lock:
@@ -200,6 +211,16 @@ def scheduler_names() -> list[str]:
     return []
 
 
+NEGATIVE_GUIDANCE_HELP = """\
+**CFG**: the negative prompt is the unconditional branch. **Perp-Neg**: only the part of the negative that is
+*not* along the prompt acts, so a negative sharing a concept with the prompt (`red` against `a red square`) does not
+remove it (per channel / per pixel: the projection taken per latent channel or spatial position).
+**Negative weight**: 0 = no negative, 1 = as written, >1 stronger. **Negative start/end**: the fraction of the steps
+in which the negative acts (late negatives keep the composition). **Guidance interval**: guidance only in this part
+of the steps, scale 1 elsewhere. **CFG rescale**: tames the over-saturation of high CFG. **NGMS**: skip the negative
+pass on odd steps once the noise level falls below this sigma (faster)."""
+
+
 def create_ui(ctx: WebUIContext) -> gr.Blocks:
     jobs = SessionJobs()
     # A job's files (step previews, results, animation) go straight into Gradio's cache folder,
@@ -213,7 +234,7 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
 
     def token_counter(text: str) -> str:
         if ctx.model is None or not text:
-            return f"0/{75}"
+            return "0/75"
         try:
             used, available = ctx.model.cond_stage.count_tokens(text)
         except Exception:  # a counter must never break typing
@@ -246,11 +267,32 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                         fields["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="txt2img_neg_prompt",
                                                                lines=2, placeholder="Negative prompt")
                         negative_tokens = gr.HTML("0/75", elem_id="txt2img_negative_token_counter", padding=False)
-                        # ---- Negative guidance (lead): an Accordion("Negative guidance") goes here; put its
-                        # controls into `fields` under their StableDiffusionProcessingTxt2Img names (guidance,
-                        # negative_weight, negative_start, negative_end, cfg_rescale, s_min_uncond; a tuple
-                        # field as "guidance_interval[0]", "guidance_interval[1]") and generate() passes them
-                        # on; PNG Info's "Send to txt2img" fills them where images.INFOTEXT_FIELDS maps them. ----
+                        with gr.Accordion("Negative guidance", open=False, elem_id="txt2img_negative_guidance"):
+                            gr.Markdown(NEGATIVE_GUIDANCE_HELP)
+                            with gr.Row():
+                                fields["guidance"] = gr.Dropdown(
+                                    [r.name for r in sd_guidance.guidance_rules], value="CFG", label="Guidance rule",
+                                    elem_id="txt2img_guidance")
+                                fields["negative_weight"] = gr.Slider(0, 5, value=1, step=0.05, label="Negative weight",
+                                                                      elem_id="txt2img_negative_weight")
+                            with gr.Row():
+                                fields["negative_start"] = gr.Slider(0, 1, value=0, step=0.05, label="Negative start",
+                                                                     elem_id="txt2img_negative_start")
+                                fields["negative_end"] = gr.Slider(0, 1, value=1, step=0.05, label="Negative end",
+                                                                   elem_id="txt2img_negative_end")
+                            with gr.Row():
+                                fields["guidance_interval[0]"] = gr.Slider(
+                                    0, 1, value=0, step=0.05, label="Guidance interval from",
+                                    elem_id="txt2img_guidance_interval_low")
+                                fields["guidance_interval[1]"] = gr.Slider(
+                                    0, 1, value=1, step=0.05, label="Guidance interval to",
+                                    elem_id="txt2img_guidance_interval_high")
+                            with gr.Row():
+                                fields["cfg_rescale"] = gr.Slider(0, 1, value=0, step=0.05, label="CFG rescale",
+                                                                  elem_id="txt2img_cfg_rescale")
+                                fields["s_min_uncond"] = gr.Slider(0, 15, value=0, step=0.1,
+                                                                   label="Negative Guidance minimum sigma (NGMS)",
+                                                                   elem_id="txt2img_s_min_uncond")
                     with gr.Column(scale=1, min_width=160):
                         generate_button = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
                         interrupt_button = gr.Button("Interrupt", elem_id="txt2img_interrupt")
@@ -297,7 +339,7 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                     with gr.Column(scale=1, elem_id="txt2img_results"):
                         progress = gr.HTML(progress_html("Idle"), elem_id="txt2img_progress", padding=False)
                         preview_gallery = gr.Gallery(label=preview_label(previews.SUBJECT_COMBINED),
-                                                     elem_id="txt2img_preview_gallery", columns=6, height=300,
+                                                     elem_id="txt2img_preview_gallery", columns=5, height=300,
                                                      format="png", object_fit="contain", interactive=False)
                         gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=4, height=320,
                                              format="png", object_fit="contain", interactive=False)
@@ -427,6 +469,11 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
             jobs.interrupt(session_key(request))
 
         interrupt_button.click(interrupt, None, None, queue=False, show_progress="hidden")
+
+        def session_ended(request: gr.Request):
+            jobs.close(session_key(request))
+
+        demo.unload(session_ended)
 
         # ---- results: infotext of the picked image, seed buttons ----------------------------------------
         def pick(job, evt: gr.SelectData):
