@@ -39,8 +39,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = args.model or build_tiny_sd(Path(tempfile.mkdtemp()) / "bench-sd", unet_channels=(64, 128),
                                             cross_attention_dim=64)
     model = sd_models.load_model(model_dir)

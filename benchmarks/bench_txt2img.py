@@ -31,9 +31,11 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model_dir = args.model or build_tiny_sd(Path(tempfile.mkdtemp()) / "bench-sd", unet_channels=(64, 128),
                                             cross_attention_dim=64)

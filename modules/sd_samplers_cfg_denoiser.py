@@ -72,7 +72,7 @@ class CFGDenoiser:
         prediction_type = model.prediction_type
         scale = g.scale_at(step, self.steps)
         prompt_only = self.plain_prompts and (scale == 1 or g.ngms_skips(step, alpha))
-        x_parts = x[self.part_image]
+        x_parts = x if self.plain_prompts else x[self.part_image]
         if prompt_only:
             out = model.apply_model(x_parts, timestep, self.conditioning_at(step, prompt_only=True))
             guided = positive = out
@@ -82,8 +82,11 @@ class CFGDenoiser:
             out = model.apply_model(x_in, timestep, self.conditioning_at(step))
             k = len(self.part_schedules)
             base, out_parts, out_negative = out[:n], out[n:n + k], out[n + k:]
-            delta_pos = torch.zeros_like(base).index_add_(
-                0, self.part_image, (out_parts - base[self.part_image]) * self.part_weight)
+            if self.plain_prompts:
+                delta_pos = out_parts - base
+            else:  # sum_i w_i (e_part_i - e_base) over each image's AND parts
+                delta_pos = torch.zeros_like(base).index_add_(
+                    0, self.part_image, (out_parts - base[self.part_image]) * self.part_weight)
             positive = base + delta_pos
             if self.negative_schedules:
                 guided, stats = g.rule.combine(base, delta_pos, scale, delta_neg=out_negative - base,

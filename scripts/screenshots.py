@@ -1,12 +1,14 @@
-"""Take the README's screenshot of the txt2img page after a run: docs/ui.png.
+"""Take the README's screenshots of the txt2img page after a run: docs/ui.png and docs/inspector.png.
 
-    python scripts/screenshots.py [--ckpt DIR] [--out docs/ui.png]
+    python scripts/screenshots.py [--ckpt DIR] [--out docs/ui.png] [--inspector-out docs/inspector.png]
 
 Starts the real server (`python app.py`) on a free loopback port with the given model
 (default: the embedded one; the tests' tiny random model if that is missing), drives
 Debian's Chromium with Playwright through one generation with a negative prompt and the
-"All three" preview, and saves the page, reduced to a 256-colour PNG to keep the
-repository small. Offline, like everything else here.
+"All three" preview, and saves the page; then moves the trajectory inspector to
+`--inspector-step` (decoded with `--inspector-method`, Full VAE by default) and saves the
+inspector alone. Both are reduced to 256-colour PNGs to
+keep the repository small. Offline, like everything else here.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "ui.png")
+    ap.add_argument("--inspector-out", type=Path, default=REPO / "docs" / "inspector.png")
+    ap.add_argument("--inspector-step", type=int, default=3, help="the step the inspector shows")
+    ap.add_argument("--inspector-method", default="Full", choices=["Approx cheap", "Full"],
+                    help="how the inspector decodes latents (the page's preview method, set after the run)")
     ap.add_argument("--prompt", default="a circle on a white background")
     ap.add_argument("--negative", default="red")
     ap.add_argument("--steps", type=int, default=20)
@@ -70,10 +76,25 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             raw = work / "page.png"
             page.screenshot(path=str(raw), full_page=True)
+            shots = [(raw, args.out)]
+            if args.inspector_out:
+                step = max(1, min(args.inspector_step, args.steps))
+                page.locator("#txt2img_preview_method").get_by_label(args.inspector_method, exact=True).check()
+                box = page.locator("#txt2img_inspector_step input[type=number]")
+                box.fill(str(step))
+                box.press("Enter")
+                page.wait_for_function("s => document.querySelector('#txt2img_inspector_info').innerText"
+                                       ".startsWith(`Step ${s}/`)", arg=step)
+                page.wait_for_timeout(1000)  # let the pictures load
+                raw_inspector = work / "inspector.png"
+                page.locator("#txt2img_inspector").screenshot(path=str(raw_inspector))
+                shots.append((raw_inspector, args.inspector_out))
             browser.close()
-        with Image.open(raw) as im:
-            im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
-        print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
+        for source, out in shots:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(source) as im:
+                im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+            print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
     finally:
         server.stop()
 

@@ -265,7 +265,7 @@ def test_samplers_schedulers_models_flags(api):
     assert post(api, "refresh-checkpoints").status_code == 200
     flags = get(api, "cmd-flags").json()
     assert flags["api"] is True and flags["nowebui"] is False and flags["port"] == api.port
-    assert get(api, "scripts").json() == {"txt2img": [], "img2img": []}
+    assert get(api, "scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": []}
 
 
 def test_options_switch_checkpoint_and_override(api):
@@ -316,7 +316,8 @@ def test_options_switch_checkpoint_and_override(api):
     ({"enable_hr": True}, 422, "enable_hr"),
     ({"restore_faces": True}, 422, "restore_faces"),
     ({"tiling": True}, 422, "tiling"),
-    ({"script_name": "x/y/z plot"}, 422, "script_name"),
+    ({"script_name": "prompt matrix"}, 422, "script_name"),
+    ({"script_name": "x/y/z plot", "script_args": {"x_type": "Hires steps", "x_values": "1"}}, 422, "x_type"),
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, 422, "alwayson_scripts"),
     ({"seed_resize_from_w": 512}, 422, "seed_resize_from_w"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 99}}, 422, "clip_skip"),

@@ -476,13 +476,13 @@ class Trainer:
         return unet, te
 
     @torch.no_grad()
-    def export(self, out: Path, dtype=torch.float16):
+    def export(self, out: Path, dtype=torch.float16, raw=False):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         if self.pool is None and self.pool_path.exists():
             self.pool = torch.load(self.pool_path, weights_only=False)
-        unet, te = self.ema_models()
+        unet, te = (self.unet, self.te) if raw else self.ema_models()
         vae = build_vae(self.cfg)
         vae.load_state_dict(self.vae.state_dict())
         vae.register_to_config(scaling_factor=float(self.scaling_factor))
@@ -503,7 +503,7 @@ class Trainer:
             shutil.copy(f, out / "tokenizer" / f.name)
         (out / "latent_rgb.json").write_text(json.dumps(fit, indent=1) + "\n")
         self.write_logs(out)
-        print(f"exported EMA weights ({dtype}) to {out}")
+        print(f"exported {'raw (non-EMA)' if raw else 'EMA'} weights ({dtype}) to {out}")
 
     @torch.no_grad()
     def fit_latent_rgb(self, vae):
@@ -617,6 +617,8 @@ def main(argv=None):
     ap.add_argument("--no-export", action="store_true")
     ap.add_argument("--export-only", default=None, metavar="DIR",
                     help="export the checkpoint's current EMA weights to DIR and exit")
+    ap.add_argument("--export-raw", action="store_true",
+                    help="with --export-only: the raw weights instead of the EMA (for comparison)")
     ap.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps per phase, exit")
     ap.add_argument("--vae-channels", default=None, help="e.g. 16,32,32")
     for key in ("vae_steps", "unet_steps", "pool", "batch", "threads", "seed", "vae_groups"):
@@ -641,7 +643,7 @@ def main(argv=None):
     tr = Trainer(cfg, Path(args.work_dir), Path(args.out))
     if args.export_only:
         tr.load()
-        tr.export(Path(args.export_only))
+        tr.export(Path(args.export_only), raw=args.export_raw)
         return 0
     if args.resume:
         if tr.ckpt_path.exists():

@@ -37,6 +37,8 @@ from modules import sd_samplers
 from modules.errors import InvalidParameter, SamplerNotFound, UserError
 from modules.job_state import JobState
 from modules.processing import StableDiffusionProcessingTxt2Img
+from modules.scripts import XYZ_PLOT
+from modules.scripts import xyz_grid
 from webui.context import WebUIContext
 
 # Dataclass fields a client may not set: where files are written is the server's business.
@@ -48,7 +50,7 @@ UNIMPLEMENTED: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
     "enable_hr": ("hires fix (enable_hr)", lambda v: bool(v)),
     "restore_faces": ("face restoration (restore_faces)", lambda v: bool(v)),
     "tiling": ("tiling", lambda v: bool(v)),
-    "script_name": ("scripts (script_name)", lambda v: v not in (None, "", "None")),
+    "script_name": ("scripts (script_name)", lambda v: v not in (None, "", "None") and not _is_xyz(v)),
     "alwayson_scripts": ("always-on scripts (alwayson_scripts)", lambda v: bool(v)),
     "seed_resize_from_w": ("resize seed from width (seed_resize_from_w)", lambda v: v is not None and v > 0),
     "seed_resize_from_h": ("resize seed from height (seed_resize_from_h)", lambda v: v is not None and v > 0),
@@ -61,8 +63,10 @@ API_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "scheduler": (Optional[str], None, "Schedule type (Automatic, Karras, ...) where the sampler supports it"),
     "send_images": (bool, True, "Return the images as base64 PNG"),
     "save_images": (bool, False, "Also save the images under the server's output folder"),
-    "script_name": (Optional[str], None, "Not supported: must be null"),
-    "script_args": (list, [], "Ignored"),
+    "script_name": (Optional[str], None, "null, or \"x/y/z plot\" (its arguments in script_args)"),
+    "script_args": (Any, [], "For \"x/y/z plot\": an object of named arguments (x_type, x_values, y_type, "
+                             "y_values, z_type, z_values, draw_legend, include_lone_images, include_sub_grids, "
+                             "no_fixed_seeds, margin_size); otherwise ignored"),
     "alwayson_scripts": (dict, {}, "Not supported: must be empty"),
     "override_settings": (Optional[dict], None,
                           "Honoured: sd_model_checkpoint, CLIP_stop_at_last_layers; other keys are ignored"),
@@ -75,10 +79,15 @@ API_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "seed_resize_from_w": (int, -1, "Not supported: must be -1 or 0"),
     "seed_resize_from_h": (int, -1, "Not supported: must be -1 or 0"),
     "refiner_checkpoint": (Optional[str], None, "Not supported: must be null"),
-    "do_not_save_grid": (bool, False, "Ignored: no grid is made"),
+    "do_not_save_grid": (bool, False, "X/Y/Z plot: do not save the grid (it is saved only with save_images)"),
 }
 
 SAMPLER_NOT_FOUND = "Sampler not found"
+
+
+def _is_xyz(name: Any) -> bool:
+    """script_name of the X/Y/Z plot, in any case (AUTOMATIC1111's clients send "x/y/z plot")."""
+    return isinstance(name, str) and name.strip().lower() == XYZ_PLOT.lower()
 PREVIEW_MAX_SIDE = 1024
 
 # AUTOMATIC1111's schedule types (modules/sd_schedulers.py), served by /schedulers when the
@@ -137,6 +146,18 @@ class TextToImageResponse(BaseModel):
     images: Optional[list[str]] = Field(default=None, description="The generated images, base64 PNG with infotext")
     parameters: dict
     info: str
+
+
+class TextToImageCompareResponse(BaseModel):
+    """POST /sdapi/v1/txt2img-compare: the request as given, and again with one thing changed (webui/compare.py)."""
+    compare_with: str = Field(description="What the second run changed: 'Without negative prompt' or a guidance rule")
+    images: list[str] = Field(description="The request's images, base64 PNG with infotext")
+    images_compare: list[str] = Field(description="Same seeds and settings, negative prompt empty (or the other rule)")
+    differences: list[str] = Field(description="|images - images_compare| per pixel and channel, base64 PNG (black: equal)")
+    mean_differences: list[float] = Field(description="Mean of each difference image, 8-bit units")
+    parameters: dict
+    info: str
+    info_compare: str
 
 
 class PNGInfoRequest(BaseModel):
@@ -298,6 +319,18 @@ class Api:
 
         txt2img.__annotations__ = {"req": Txt2Img, "return": TextToImageResponse}  # a real class, not a string
         router.add_api_route("/txt2img", txt2img, methods=["POST"], response_model=TextToImageResponse)
+        from webui import compare
+
+        Txt2ImgCompare = create_model("StableDiffusionProcessingTxt2ImgCompare", __base__=Txt2Img, compare_with=(
+            str, Field(default="no negative", description="'no negative' (rerun with the negative prompt empty) or "
+                                                          "a guidance rule: " + ", ".join(compare.compare_modes()[1:]))))
+
+        def txt2img_compare(req: Txt2ImgCompare) -> TextToImageCompareResponse:  # type: ignore[valid-type]
+            return self.text2img_compare_api(req)
+
+        txt2img_compare.__annotations__ = {"req": Txt2ImgCompare, "return": TextToImageCompareResponse}
+        router.add_api_route("/txt2img-compare", txt2img_compare, methods=["POST"],
+                             response_model=TextToImageCompareResponse)
         router.add_api_route("/progress", self.progressapi, methods=["GET"], response_model=ProgressResponse)
         router.add_api_route("/interrupt", self.interruptapi, methods=["POST"])
         router.add_api_route("/skip", self.skipapi, methods=["POST"])
@@ -388,11 +421,62 @@ class Api:
 
     def text2imgapi(self, req: BaseModel) -> dict:
         p, checkpoint, keep = self.make_processing(req)
-        processed = self.ctx.txt2img(p, JobState(), checkpoint=checkpoint, keep_checkpoint=keep)
+        run = self.xyz_run(req, p)
+        processed = self.ctx.txt2img(p, JobState(), checkpoint=checkpoint, keep_checkpoint=keep, run=run)
         send = req.model_dump().get("send_images", True)
         images = [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)] \
             if send is not False else []
         return {"images": images, "parameters": _jsonable_dict(req.model_dump()), "info": json.dumps(processed.js())}
+
+    def text2img_compare_api(self, req: BaseModel) -> dict:
+        """The job, then the same seeds and settings with the negative prompt empty (or another guidance rule)."""
+        from webui import compare
+
+        data = req.model_dump()
+        if data.get("script_name") not in (None, "", "None"):
+            raise InvalidParameter("scripts (script_name) are not supported by txt2img-compare", field="script_name")
+        mode = compare.resolve_mode(data.get("compare_with"))
+        p, checkpoint, keep = self.make_processing(req)
+        p = compare.fix_seeds(p)  # a random seed is drawn once, for both runs
+        other_p = compare.variant(p, mode)
+        other_p.do_not_save_samples = True
+        processed = self.ctx.txt2img(p, JobState(), checkpoint=checkpoint, keep_checkpoint=keep)
+        other = self.ctx.txt2img(other_p, JobState(), checkpoint=checkpoint, keep_checkpoint=keep)
+        pairs = list(zip(processed.images, other.images))
+        return {
+            "compare_with": mode,
+            "images": [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)],
+            "images_compare": [encode_pil_to_base64(im, text) for im, text in zip(other.images, other.infotexts)],
+            "differences": [encode_pil_to_base64(compare.difference(a, b), None) for a, b in pairs],
+            "mean_differences": [compare.mean_difference(a, b) for a, b in pairs],
+            "parameters": _jsonable_dict(req.model_dump()),
+            "info": json.dumps(processed.js()),
+            "info_compare": json.dumps(other.js()),
+        }
+
+    def xyz_run(self, req: BaseModel, p: StableDiffusionProcessingTxt2Img):
+        """For `script_name: "x/y/z plot"`: the job that runs all its cells in one turn of the queue, else None.
+
+        The arguments are checked here (unknown name, axis type or unreadable value: 422) before
+        the request queues; each cell's values are checked against the model before any cell runs.
+        """
+        data = req.model_dump()
+        if not _is_xyz(data.get("script_name")):
+            return None
+        raw = data.get("script_args")
+        if raw in (None, []):
+            raw = {}
+        if not isinstance(raw, dict):
+            raise InvalidParameter("script_args of the X/Y/Z plot must be an object of named arguments "
+                                   "(x_type, x_values, y_type, y_values, ...)", field="script_args")
+        args = xyz_grid.XYZArgs.from_dict(raw)
+        xyz_grid.resolve_axes(args)
+        save_grid = not p.do_not_save_samples and not data.get("do_not_save_grid")
+
+        def run(model, job, hooks=(), state=None):
+            return xyz_grid.run_xyz(model, job, args, hooks, state, save_grid=save_grid)
+
+        return run
 
     # -- progress, interrupt, skip -------------------------------------------------------------
     async def progressapi(self, skip_current_image: bool = False) -> dict:
@@ -484,7 +568,7 @@ class Api:
         return flags
 
     def get_scripts_list(self) -> dict:
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": [XYZ_PLOT.lower()], "img2img": []}
 
     def get_prompt_styles(self) -> list:
         return []

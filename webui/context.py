@@ -140,11 +140,13 @@ class WebUIContext:
     # -- jobs --------------------------------------------------------------------------------
     def txt2img(self, p: StableDiffusionProcessingTxt2Img, state: JobState | None = None,
                 hooks: list[AfterSampleHook] = (), checkpoint: sd_models.CheckpointInfo | None = None,
-                keep_checkpoint: bool = False) -> Processed:
+                keep_checkpoint: bool = False, run=None) -> Processed:
         """Wait for the queue, then run the job; `state` may be interrupted while it waits.
 
         `checkpoint` runs this job on another model (AUTOMATIC1111's override_settings
         `sd_model_checkpoint`); it becomes the current model only with `keep_checkpoint`.
+        `run(model, p, hooks=, state=)` replaces process_images for a job of many runs (a script
+        such as the X/Y/Z plot), which then holds the queue for all of them.
         """
         state = state or JobState()
         with self.queue_lock:
@@ -156,6 +158,6 @@ class WebUIContext:
                     model = sd_models.load_model(checkpoint.path, **self.load_kwargs())
             self.current_state, self.current_model = state, model
             try:
-                return processing.process_images(model, p, hooks=hooks, state=state)
+                return (run or processing.process_images)(model, p, hooks=hooks, state=state)
             finally:
                 self.current_state = self.current_model = None

@@ -27,7 +27,8 @@ from modules import images as images_module, sd_guidance, sd_samplers
 from modules.errors import UserError
 from modules.job_state import JobState
 from modules.processing import StableDiffusionProcessingTxt2Img
-from webui import previews
+from modules.scripts import XYZ_PLOT, xyz_grid
+from webui import compare, inspector, previews
 from webui.context import WebUIContext
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,20 @@ class SessionJobs:
         self._jobs: dict[str, JobState] = {}
         self._dirs: dict[str, Path] = {}
 
-    def start(self, key: str, state: JobState, job_dir: Path) -> bool:
-        """Register the session's new job; False if it already has one queued or running."""
+    def start(self, key: str, state: JobState, job_dir: Path | None = None) -> bool:
+        """Register the session's new job; False if it already has one queued or running.
+
+        A job with a `job_dir` replaces the session's files; one without (Compare, which reruns
+        the last result beside it) leaves them.
+        """
         with self._lock:
             if key in self._jobs:
                 return False
             self._jobs[key] = state
-            old = self._dirs.get(key)
-            self._dirs[key] = job_dir
-        if old is not None:  # a session's page shows only its last job: its older files can go
+            old = self._dirs.get(key) if job_dir is not None else None
+            if job_dir is not None:
+                self._dirs[key] = job_dir
+        if old is not None and old != job_dir:  # a session's page shows only its last job: its older files can go
             shutil.rmtree(old, ignore_errors=True)
         return True
 
@@ -126,6 +132,8 @@ def job_progress_text(state: JobState, started: float) -> tuple[str, float]:
         return f"Waiting in the queue… {time.time() - started:.0f} s", 0.0
     fraction, eta = state.progress()
     text = f"Step {state.sampling_step}/{state.sampling_steps}"
+    if state.textinfo:  # a script's own progress, e.g. `X/Y/Z plot: cell 2 of 6`
+        text = f"{state.textinfo} · {text}"
     if state.job_count > 1:
         text += f" · batch {min(state.job_no + 1, state.job_count)}/{state.job_count}"
     text += f" · {100 * fraction:.0f}%"
@@ -179,6 +187,31 @@ def build_processing(values: dict[str, Any], outdir: str) -> StableDiffusionProc
     return StableDiffusionProcessingTxt2Img(**kwargs, outpath_samples=outdir)
 
 
+XYZ_INPUTS = ("x_type", "x_values", "y_type", "y_values", "z_type", "z_values", "draw_legend",
+              "include_lone_images", "include_sub_grids", "no_fixed_seeds", "margin_size")
+
+
+def script_run(values: dict[str, Any], p: StableDiffusionProcessingTxt2Img):
+    """The page's Script choice -> the job that runs it in one turn of the queue (None: a plain txt2img).
+
+    The X/Y/Z controls are inputs named `xyz_<argument>`; their values are checked here, so a bad
+    axis value is reported before the job queues.
+    """
+    if values.get("script_name") != XYZ_PLOT:
+        return None
+    args = xyz_grid.XYZArgs.from_dict({name: values[f"xyz_{name}"] for name in XYZ_INPUTS
+                                       if f"xyz_{name}" in values})
+    args.margin_size = int(args.margin_size or 0)
+    xs, ys, zs = xyz_grid.resolve_axes(args)
+    save = not p.do_not_save_samples
+
+    def run(model, job, hooks=(), state=None):
+        return xyz_grid.run_xyz(model, job, args, hooks, state, save_grid=save)
+
+    run.cells = len(xs.values) * len(ys.values) * len(zs.values)
+    return run
+
+
 def save_with_info(image: Image.Image, path: Path, info: str) -> Path:
     pnginfo = PngImagePlugin.PngInfo()
     if info:
@@ -223,6 +256,7 @@ pass on odd steps once the noise level falls below this sigma (faster)."""
 
 def create_ui(ctx: WebUIContext) -> gr.Blocks:
     jobs = SessionJobs()
+    inspections = inspector.SessionInspections()  # each session's last job, for the trajectory inspector
     # A job's files (step previews, results, animation) go straight into Gradio's cache folder,
     # which Gradio serves as is: streaming the gallery then costs no hashing or copying.
     work_root = Path(gr.utils.get_upload_folder()) / "sdneg-jobs"
@@ -335,6 +369,37 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                                                       label="Preview method (Approx cheap: linear latent->RGB, "
                                                             "no VAE; Full: VAE decode every step, slower)",
                                                       elem_id="txt2img_preview_method")
+                        # ---- Script (AUTOMATIC1111's dropdown): the X/Y/Z plot (modules/scripts/xyz_grid.py) ----
+                        fields["script_name"] = gr.Dropdown(["None", XYZ_PLOT], value="None", label="Script",
+                                                            elem_id="script_list")
+                        with gr.Group(visible=False, elem_id="script_txt2img_xyz_plot") as xyz_group:
+                            for axis, default_type in (("x", "CFG Scale"), ("y", "Negative prompt"),
+                                                       ("z", "Nothing")):
+                                with gr.Row():
+                                    fields[f"xyz_{axis}_type"] = gr.Dropdown(
+                                        xyz_grid.AXIS_NAMES, value=default_type, label=f"{axis.upper()} type",
+                                        elem_id=f"script_txt2img_xyz_plot_{axis}_type", scale=1)
+                                    fields[f"xyz_{axis}_values"] = gr.Textbox(
+                                        label=f"{axis.upper()} values", lines=1, scale=3,
+                                        elem_id=f"script_txt2img_xyz_plot_{axis}_values",
+                                        placeholder='e.g. 3, 7  ·  1-5 (+2)  ·  1-10 [4]  ·  "", red, "blue, green"')
+                            with gr.Row():
+                                fields["xyz_draw_legend"] = gr.Checkbox(
+                                    value=True, label="Draw legend", elem_id="script_txt2img_xyz_plot_draw_legend")
+                                fields["xyz_include_lone_images"] = gr.Checkbox(
+                                    value=True, label="Include Sub Images",
+                                    elem_id="script_txt2img_xyz_plot_include_lone_images")
+                                fields["xyz_include_sub_grids"] = gr.Checkbox(
+                                    value=False, label="Include Sub Grids",
+                                    elem_id="script_txt2img_xyz_plot_include_sub_grids")
+                                fields["xyz_no_fixed_seeds"] = gr.Checkbox(
+                                    value=False, label="Keep -1 for seeds",
+                                    elem_id="script_txt2img_xyz_plot_no_fixed_seeds")
+                            fields["xyz_margin_size"] = gr.Slider(0, 500, value=0, step=2, label="Grid margins (px)",
+                                                                  elem_id="script_txt2img_xyz_plot_margin_size")
+                        fields["script_name"].change(lambda name: gr.update(visible=name == XYZ_PLOT),
+                                                     fields["script_name"], xyz_group, queue=False,
+                                                     show_progress="hidden")
 
                     with gr.Column(scale=1, elem_id="txt2img_results"):
                         progress = gr.HTML(progress_html("Idle"), elem_id="txt2img_progress", padding=False)
@@ -346,6 +411,30 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                         trajectory = gr.DownloadButton("Download the trajectory (animated GIF)", visible=False,
                                                        elem_id="txt2img_trajectory_download")
                         info = gr.HTML(elem_id="html_info_txt2img")
+                        # ---- compare without negative (webui/compare.py) ----
+                        with gr.Row(elem_id="txt2img_compare_row", equal_height=True):
+                            compare_mode = gr.Dropdown(compare.compare_modes(), value=compare.WITHOUT_NEGATIVE,
+                                                       label="Compare this result with the same seeds and settings…",
+                                                       elem_id="txt2img_compare_mode", scale=3)
+                            compare_button = gr.Button("Compare", elem_id="txt2img_compare", scale=1)
+                        compare_gallery = gr.Gallery(label="Comparison", elem_id="txt2img_compare_gallery", columns=3,
+                                                     height=260, format="png", object_fit="contain",
+                                                     interactive=False)
+                        compare_info = gr.HTML(elem_id="txt2img_compare_info")
+                        # ---- trajectory inspector (webui/inspector.py) ----
+                        with gr.Accordion("Trajectory inspector", open=True, elem_id="txt2img_inspector"):
+                            inspector_step = gr.Slider(1, 2, value=1, step=1, label="Step",
+                                                       elem_id="txt2img_inspector_step")
+                            inspector_info = gr.HTML(inspector.inspector_html(None, None),
+                                                     elem_id="txt2img_inspector_info")
+                            with gr.Row(elem_id="txt2img_inspector_views"):
+                                inspector_views = [gr.Image(label=inspector.VIEW_LABELS[name], type="pil", format="png",
+                                                            interactive=False, min_width=100, height=200,
+                                                            buttons=["download"], elem_id=f"txt2img_inspector_{name}")
+                                                   for name in inspector.VIEWS]
+                            inspector_plot = gr.Image(label="How strongly guidance acted, per step", type="pil",
+                                                      format="png", interactive=False, buttons=["download"],
+                                                      show_label=False, height=260, elem_id="txt2img_inspector_plot")
 
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 with gr.Row():
@@ -371,8 +460,16 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                     raise UserError("No model is loaded: pick a checkpoint")
                 p = build_processing(values, outdir)
                 p.do_not_save_samples = not getattr(ctx, "options", {}).get("samples_save", True)
+                xyz_run = script_run(values, p)  # the X/Y/Z plot, if the Script dropdown says so
                 collector = previews.PreviewCollector(lambda: getattr(ctx, "current_model", None) or ctx.model, subject, method, (p.width, p.height),
                                                       batch_count=p.n_iter)
+                recorder = inspector.TrajectoryRecorder(p.n_iter * (xyz_run.cells if xyz_run is not None else 1),
+                                                        model=lambda: getattr(ctx, "current_model", None) or ctx.model)
+                inspected = collector.inspected = inspector.InspectedJob(  # the trajectory, for the inspector
+                    p, recorder, lambda: recorder.model or ctx.model,
+                    script=values.get("script_name") if values.get("script_name") not in (None, "", "None") else None)
+                if xyz_run is not None:  # previews are captioned `batch k/n` over all the plot's cells
+                    collector.batch_count = p.n_iter * xyz_run.cells
             except (UserError, ValueError) as e:
                 yield {progress: progress_html(str(e), error=True)}
                 raise gr.Error(str(e))
@@ -385,10 +482,13 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                 return
             job_dir.mkdir(parents=True)
             result: dict[str, Any] = {}
+            inspections.put(key, inspected)
 
             def work():
                 try:
-                    result["processed"] = ctx.txt2img(p, state, hooks=[collector])
+                    result["processed"] = inspected.processed = ctx.txt2img(p, state,
+                                                                            hooks=[collector, inspected.recorder],
+                                                                            run=xyz_run)
                 except BaseException as e:  # reported on the page below
                     result["error"] = e
 
@@ -437,6 +537,7 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                 update = {progress: progress_html(text, fraction)}
                 if new and time.time() - last_gallery >= gallery_interval(len(items)):
                     update[preview_gallery], last_gallery = list(items), time.time()
+                    update.update(inspector_live(getattr(collector, "inspected", None)))
                 yield update
 
         def finish(processed, p, state, collector, job_dir, items, started) -> dict:
@@ -460,10 +561,121 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                 generate_button: gr.update(interactive=True),
             }
 
-        generate_outputs = [preview_gallery, gallery, info, trajectory, progress, last_job, selected, generate_button]
+        # ---- trajectory inspector (webui/inspector.py): the session's own last or running job only --------
+        inspector_outputs = [*inspector_views, inspector_plot, inspector_info]
+
+        def slider_max(n: int) -> int:
+            return max(n, 2)  # a slider needs some range; steps past the last show the last
+
+        def inspector_render(job, index, method) -> list:
+            """The four views, the plot and the caption of step `index` (1-based over the whole job)."""
+            blank = [None] * (len(inspector_views) + 1)
+            if job is None:
+                return [*blank, inspector.inspector_html(None, None)]
+            records = job.recorder.records()
+            if not records:
+                return [*blank, inspector.inspector_html(job, None)]
+            record = records[min(max(int(index or 1), 1), len(records)) - 1]
+            try:
+                views, facts = inspector.render_step(job.model(), record,
+                                                     "full" if method == previews.METHOD_FULL else "cheap",
+                                                     (job.p.width, job.p.height))
+                plot = inspector.guidance_plot(records, record)
+            except Exception as e:  # a picture must never break the page
+                log.exception("inspector failed")
+                return [*blank, f'<div class="sdneg-error">Inspector: {html.escape(str(e))}</div>']
+            return [*(views[name] for name in inspector.VIEWS), plot, inspector.inspector_html(job, record, facts)]
+
+        def inspector_show(index, method, request: gr.Request):
+            return inspector_render(inspections.get(session_key(request)), index, method)
+
+        def inspector_latest(method, request: gr.Request):
+            """After a job: the slider on its last step, and that step's views."""
+            job = inspections.get(session_key(request))
+            n = len(job.recorder) if job is not None else 0
+            if job is not None:
+                job.follow = True
+            return [gr.update(maximum=slider_max(n), value=max(n, 1)), *inspector_render(job, n, method)]
+
+        def inspector_live(job) -> dict:
+            """While a job runs: the slider grows with the steps (and follows the newest unless moved back)."""
+            n = len(job.recorder) if job is not None else 0
+            if not n or not job.live_due(time.time()):
+                return {}
+            return {inspector_step: gr.update(maximum=slider_max(n), value=n) if job.follow
+                    else gr.update(maximum=slider_max(n))}
+
+        def inspector_moved(index, request: gr.Request):
+            job = inspections.get(session_key(request))
+            if job is not None:
+                job.follow = int(index or 0) >= len(job.recorder)
+
+        inspector_step.change(inspector_show, [inspector_step, preview_method], inspector_outputs,
+                              show_progress="hidden", trigger_mode="always_last")
+        inspector_step.input(inspector_moved, [inspector_step], None, queue=False, show_progress="hidden")
+        preview_method.change(inspector_show, [inspector_step, preview_method], inspector_outputs,
+                              show_progress="hidden", trigger_mode="always_last")
+
+        # ---- compare without negative (webui/compare.py): rerun the session's last job, one thing changed ----
+        def compare_run(mode, request: gr.Request):
+            job = inspections.get(session_key(request))
+            processed = job.processed if job is not None else None
+            if job is not None and job.script:
+                message = f"Compare reruns a plain result; your last job ran the {job.script} script"
+                yield {compare_info: f'<div class="sdneg-error">{html.escape(message)}</div>'}
+                raise gr.Error(message)
+            if processed is None or not processed.images:
+                message = "Nothing to compare yet: generate first, then Compare reruns that result"
+                yield {compare_info: f'<div class="sdneg-error">{html.escape(message)}</div>'}
+                raise gr.Error(message)
+            try:
+                mode = compare.resolve_mode(mode)
+                base = dataclasses.replace(job.p, seed=processed.seed, subseed=processed.subseed,
+                                           do_not_save_samples=True)
+                other_p = compare.variant(base, mode)
+            except UserError as e:
+                yield {compare_info: f'<div class="sdneg-error">{html.escape(str(e))}</div>'}
+                raise gr.Error(str(e))
+            label = compare.label_for(mode)
+            key, state = session_key(request), JobState()
+            if not jobs.start(key, state):  # one job per session; Interrupt stops this one too
+                message = "Your previous job is still running: wait for it or interrupt it"
+                yield {compare_info: f'<div class="sdneg-error">{html.escape(message)}</div>'}
+                raise gr.Error(message)
+            try:
+                yield {compare_gallery: [], compare_info: progress_html(f"Rerunning {label}…"),
+                       compare_button: gr.update(interactive=False)}
+                other = ctx.txt2img(other_p, state)
+            except UserError as e:
+                yield {compare_info: f'<div class="sdneg-error">{html.escape(str(e))}</div>',
+                       compare_button: gr.update(interactive=True)}
+                raise gr.Error(str(e))
+            finally:
+                jobs.finish(key, state)
+            items, means = [], []
+            for i, (a, b) in enumerate(zip(processed.images, other.images)):
+                seed = processed.all_seeds[i]
+                means.append(compare.mean_difference(a, b))
+                items += [(a, f"seed {seed}: as generated"), (b, f"seed {seed}: {label}"),
+                          (compare.difference(a, b, amplify=True), f"difference, mean {means[-1]:.1f}/255")]
+            summary = (f"Left: your result. Middle: the same seeds and settings {label}. Right: |difference|, "
+                       f"stretched to full brightness. Mean difference {sum(means) / len(means):.2f}/255 over "
+                       f"{len(means)} image(s).")
+            if processed.interrupted or other.interrupted:
+                summary += (" Interrupted: an interrupted run's images are its last predictions, not finished images"
+                            " (and an interrupted rerun has only the batches it reached).")
+            yield {compare_gallery: items, compare_info: f"<div>{html.escape(summary)}</div>",
+                   compare_button: gr.update(interactive=True)}
+
+        compare_button.click(compare_run, [compare_mode], [compare_gallery, compare_info, compare_button],
+                             show_progress="hidden", concurrency_limit=None)
+
+        generate_outputs = [preview_gallery, gallery, info, trajectory, progress, last_job, selected, generate_button,
+                            inspector_step]
         generate_inputs = [preview_subject, preview_method, *field_components]
         for trigger in (generate_button.click, fields["prompt"].submit, fields["negative_prompt"].submit):
-            trigger(generate, generate_inputs, generate_outputs, show_progress="hidden", concurrency_limit=None)
+            trigger(generate, generate_inputs, generate_outputs, show_progress="hidden", concurrency_limit=None).then(
+                inspector_latest, [preview_method], [inspector_step, *inspector_outputs], show_progress="hidden")
 
         def interrupt(request: gr.Request):
             jobs.interrupt(session_key(request))
@@ -472,6 +684,7 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
 
         def session_ended(request: gr.Request):
             jobs.close(session_key(request))
+            inspections.close(session_key(request))
 
         demo.unload(session_ended)
 
