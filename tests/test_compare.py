@@ -120,13 +120,15 @@ def test_without_the_negative_red_circles_come_back_on_the_embedded_model(tmp_pa
     assert r.status_code == 200, r.text
     body = r.json()
 
-    def red_circles(images: list[str]) -> int:
-        verdicts = [judge(np.asarray(decode(b).convert("RGB"))) for b in images]
-        return sum(v["color"] == "red" and v["shape"] == "circle" for v in verdicts)
+    def judged(images: list[str]) -> list[dict]:
+        return [judge(np.asarray(decode(b).convert("RGB"))) for b in images]
 
-    with_negative, without = red_circles(body["images"]), red_circles(body["images_compare"])
-    assert without > with_negative, (with_negative, without)
-    assert with_negative <= 1, with_negative
+    with_negative, without = judged(body["images"]), judged(body["images_compare"])
+    red_circles = [sum(v["color"] == "red" and v["shape"] == "circle" for v in run) for run in (with_negative, without)]
+    red = [sum(v["color"] == "red" for v in run) for run in (with_negative, without)]
+    # seeds 100-107 on the shipped model: 0 red circles (0 red objects) with the negative, 2 (3) without
+    assert red_circles[1] > red_circles[0] and red_circles[0] <= 1, red_circles
+    assert red[1] > red[0] and red[0] <= 1, red
 
 
 def test_a_compare_rerun_is_the_sessions_job_but_keeps_its_files(tmp_path):

@@ -35,9 +35,12 @@ P_EMPTY = 0.10                 # empty captions (unconditional for CFG)
 P_DROP = 0.25                  # each attribute dropped independently
 P_TAGS = 0.5                   # tag style vs sentence style
 
-# Expected bounding-box fill ratios: circle pi/4, square 1, triangle 1/2.
-FILL_SQUARE_MIN = 0.91
-FILL_CIRCLE_MIN = 0.68
+# Expected bounding-box fill ratios: circle pi/4, square 1, triangle 1/2; the judge picks the
+# nearest, i.e. the boundaries are the midpoints (renders: triangle 0.56-0.61, circle 0.75-0.83,
+# square 0.99-1.0).
+FILL_IDEAL = {"triangle": 0.5, "circle": float(np.pi / 4), "square": 1.0}
+FILL_SQUARE_MIN = (FILL_IDEAL["circle"] + FILL_IDEAL["square"]) / 2      # 0.893
+FILL_CIRCLE_MIN = (FILL_IDEAL["triangle"] + FILL_IDEAL["circle"]) / 2    # 0.643
 
 
 def render(color: str, shape: str, background: str, side: float, x: float, y: float,
