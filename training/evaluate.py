@@ -6,6 +6,7 @@
     python training/evaluate.py negatives --model DIR --neg-seeds 40
     python training/evaluate.py schedule --model DIR --neg-seeds 40
     python training/evaluate.py samplers --model DIR --seeds 1 [--sampler "Euler a" ...]
+    python training/evaluate.py rules --model DIR --neg-seeds 40 [--setting Perp-Neg ...]
 
 Every image is made by ``generate()`` (DDIM, 20 steps, CFG 7, initial latents
 ``torch.randn((4,16,16), generator=torch.Generator('cpu').manual_seed(seed))``) and judged
@@ -18,6 +19,7 @@ Reports:
   negatives  ``a circle on a white background`` without / with negative ``red``;
              ``a blue shape on a gray background`` without / with negative ``circle``
   schedule   ``a [red:blue:0.1] square on a black background`` (prompt editing, A1111 syntax)
+  rules      removal / keep rates of the negative prompt per guidance rule (training/negatives.py)
   samplers   every sampler of the registry through the engine (process_images), 20 steps, on the
              45 prompts: colour / shape accuracy per sampler (issue 6: >= 90%); not part of ``all``
 """
@@ -260,7 +262,8 @@ def report_samplers(model, n_seeds=1, seed0=0, steps=20, names=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("report", choices=["prompts", "negatives", "schedule", "samplers", "all"])
+    ap.add_argument("report", choices=["prompts", "negatives", "schedule", "samplers", "rules", "all"])
+    ap.add_argument("--setting", action="append", help="rules report: only these settings of training/negatives.py")
     ap.add_argument("--sampler", action="append", help="samplers report: only these (default: all)")
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--seeds", type=int, default=4, help="seeds per fully specified prompt")
@@ -282,10 +285,15 @@ def main(argv=None):
         res["schedule"] = report_schedule(model, args.neg_seeds)
     if args.report == "samplers":  # not part of "all": 13 samplers x 45 prompts is long on a CPU
         res["samplers"] = report_samplers(model, args.seeds, names=args.sampler)
+    if args.report == "rules":  # issue 9: removal / keep rates of each negative-guidance setting, via the engine
+        import negatives
+        res["rules"] = negatives.report(model, args.neg_seeds, settings=args.setting)
+        print(negatives.format_tables(res["rules"]))
     res["seconds"] = round(time.time() - t0, 1)
     res["command"] = "python training/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(res, indent=1))
-    out = Path(args.json) if args.json else model / ("eval_samplers.json" if args.report == "samplers" else "eval.json")
+    out = Path(args.json) if args.json else model / {"samplers": "eval_samplers.json", "rules": "eval_rules.json"}.get(
+        args.report, "eval.json")
     out.write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
