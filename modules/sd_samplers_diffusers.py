@@ -137,7 +137,7 @@ class DiffusersSampler(Sampler):
                 x = sched.step(out.model_output.float(), t, x, **step_kwargs).prev_sample
                 k += 1
                 if _step_done(sched, k - 1) or k == len(timesteps):
-                    return StepInfo(i, steps, float(t), x, out.pred_x0, out.branches, getattr(out, "stats", {}))
+                    return StepInfo(i, steps, float(t), x, out.pred_x0, out.branches, out.stats)
 
         result = run_steps(step_fn, steps, hooks)
         return result.to(dtype)
@@ -226,7 +226,7 @@ class KDiffusionSampler(Sampler):
 
         def report(i: int, x: torch.Tensor) -> None:
             out = last["out"]
-            info = StepInfo(i, steps, last["t"], x, out.pred_x0, out.branches, getattr(out, "stats", {}))
+            info = StepInfo(i, steps, last["t"], x, out.pred_x0, out.branches, out.stats)
             reports.append(info)
             call_hooks(hooks, info)
 
