@@ -45,7 +45,6 @@ def test_negative_weight_zero_equals_empty_negative(tiny_model):
 
 
 def test_negative_weight_interpolates_the_uncond_conditioning(tiny_model):
-    seen = []
     with UNetRecorder(tiny_model.unet) as rec:
         run(tiny_model, negative_weight=0.25, batch_size=1, steps=2)
     empty, neg = tiny_model.get_learned_conditioning(""), tiny_model.get_learned_conditioning("blue square")

@@ -19,9 +19,8 @@ from webui import inspector
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = REPO / "models" / "Stable-diffusion" / "tiny-shapes"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+from tests.browser import CHROMIUM, set_number
+from tests.browser import open_page as _open_page
 
 
 def run(model, **kw):
@@ -108,29 +107,8 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 def open_page(browser, server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1100})
-    page = context.new_page()
-    page.set_default_timeout(90_000)
-    page.goto(server.url + "/")
-    page.wait_for_selector("#txt2img_prompt textarea")
-    return page
-
-
-def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    return _open_page(browser, server, height=1100, timeout_ms=90_000)
 
 
 def generate(page, prompt: str, negative: str, steps: int, seed: int) -> None:

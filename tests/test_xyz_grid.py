@@ -208,7 +208,7 @@ def test_page_xyz_plot(server):
         pytest.skip("Debian's chromium is not installed")
     from playwright.sync_api import sync_playwright
 
-    from tests.test_ui import CHROMIUM_ARGS
+    from tests.browser import CHROMIUM_ARGS
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
