@@ -43,8 +43,23 @@ SDXL_LATENT_RGB = [[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250], [0.1074
                    [-0.3730, -0.2499, -0.2088]]
 
 
+class CheckpointHash:
+    """The sha256 of `self.path` (cached on disk by HashCache) and AUTOMATIC1111's 10-digit short hash."""
+
+    path: Path
+    hash_cache: "HashCache | None"
+
+    @cached_property
+    def sha256(self) -> str:
+        return (self.hash_cache or HashCache.default()).sha256(self.path)
+
+    @property
+    def shorthash(self) -> str:
+        return self.sha256[:10]
+
+
 @dataclass
-class SDModel:
+class SDModel(CheckpointHash):
     """The parts of a Stable Diffusion checkpoint and the facts the sampler needs about them.
 
     `cond_stage` is a CLIPTextConditioner (SD 1.x/2.x: conditioning is a (1, T, C) tensor) or an
@@ -107,13 +122,6 @@ class SDModel:
         """The image size the model was trained at (the UI's default width and height)."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
-    @cached_property
-    def sha256(self) -> str:
-        return (self.hash_cache or HashCache.default()).sha256(self.path)
-
-    @property
-    def shorthash(self) -> str:
-        return self.sha256[:10]
 
     def get_learned_conditioning(self, text: str, clip_skip: int | None = None) -> torch.Tensor:
         return self.cond_stage.encode(text, clip_skip)
@@ -522,7 +530,7 @@ def load_kwargs_from_args(args) -> dict:
 
 # -- listing ---------------------------------------------------------------------------------
 @dataclass
-class CheckpointInfo:
+class CheckpointInfo(CheckpointHash):
     """A checkpoint found on disk, titled as AUTOMATIC1111 titles it: `name [shorthash]`."""
 
     path: Path
@@ -541,13 +549,6 @@ class CheckpointInfo:
     def is_pickle(self) -> bool:
         return is_pickle(Path(self.path))
 
-    @cached_property
-    def sha256(self) -> str:
-        return (self.hash_cache or HashCache.default()).sha256(self.path)
-
-    @property
-    def shorthash(self) -> str:
-        return self.sha256[:10]
 
     @property
     def title(self) -> str:
