@@ -11,7 +11,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from modules import processing, sd_models  # noqa: E402
-from tests.tiny_sd import build_tiny_sd  # noqa: E402
+from tests.tiny_sd import build_bench_sd  # noqa: E402
 
 SETTINGS = {
     "CFG": {},
@@ -44,8 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = args.model or build_tiny_sd(Path(tempfile.mkdtemp()) / "bench-sd", unet_channels=(64, 128),
-                                            cross_attention_dim=64)
+    model_dir = args.model or build_bench_sd()
     model = sd_models.load_model(model_dir)
     size = model.default_size
 

@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from diffusers import DDIMScheduler  # noqa: E402
 
 from modules import processing, sd_models, sd_samplers  # noqa: E402
 from modules.sd_samplers_diffusers import DiffusersSampler, build_scheduler  # noqa: E402
-from tests.tiny_sd import build_tiny_sd, diffusers_pipeline  # noqa: E402
+from tests.tiny_sd import build_bench_sd, diffusers_pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -42,8 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    model_dir = args.model or build_tiny_sd(Path(tempfile.mkdtemp()) / "bench-sd", unet_channels=(64, 128),
-                                            cross_attention_dim=64)
+    model_dir = args.model or build_bench_sd()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = sd_models.load_model(model_dir, device=device)
     pipe = diffusers_pipeline(model_dir)

@@ -8,6 +8,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
+def require_browser() -> None:
+    """Skip the calling test (or fixture) when Debian's Chromium or Playwright is missing."""
+    import pytest
+
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api")
+
+
 def open_page(browser, server, height: int = 1000, timeout_ms: int = 60_000):
     """A fresh browser context (its own Gradio session) on the txt2img page, loaded."""
     context = browser.new_context(viewport={"width": 1400, "height": height})

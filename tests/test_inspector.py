@@ -19,7 +19,7 @@ from webui import inspector
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = REPO / "models" / "Stable-diffusion" / "tiny-shapes"
-from tests.browser import CHROMIUM, set_number
+from tests.browser import require_browser, set_number
 from tests.browser import open_page as _open_page
 
 
@@ -94,9 +94,7 @@ def test_recorder_drops_the_oldest_batches_past_its_memory_cap(tiny_model):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api")
+    require_browser()
     from tests.server import start_server
     from tests.tiny_sd import build_tiny_sd
 

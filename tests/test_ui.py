@@ -15,7 +15,7 @@ import pytest
 from modules.errors import UserError
 from modules.job_state import JobState
 
-from tests.browser import CHROMIUM, open_page, set_number
+from tests.browser import open_page, require_browser, set_number
 
 
 # ---- without a browser -----------------------------------------------------------------------
@@ -76,9 +76,7 @@ def test_progress_text_has_step_count_and_time_left():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api")
+    require_browser()
     from tests.server import start_server
     from tests.tiny_sd import build_tiny_sd
 

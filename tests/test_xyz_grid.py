@@ -200,18 +200,13 @@ def test_page_xyz_plot(server):
     """The Script dropdown on the txt2img tab: the gallery shows the grid, then the six cells."""
     import requests
 
-    chromium = "/usr/bin/chromium"
-    pytest.importorskip("playwright.sync_api")
-    from pathlib import Path
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 
-    if not Path(chromium).exists():
-        pytest.skip("Debian's chromium is not installed")
+    require_browser()
     from playwright.sync_api import sync_playwright
 
-    from tests.browser import CHROMIUM_ARGS
-
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.set_default_timeout(90_000)
         page.goto(server.url + "/")

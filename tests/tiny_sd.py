@@ -58,6 +58,13 @@ def build_tiny_sd(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon"
     return out_dir
 
 
+def build_bench_sd() -> Path:
+    """The benchmarks' default model: a small random SD (UNet (64, 128), 64-wide text encoder) in a temp folder."""
+    import tempfile
+
+    return build_tiny_sd(Path(tempfile.mkdtemp()) / "bench-sd", unet_channels=(64, 128), cross_attention_dim=64)
+
+
 def diffusers_pipeline(model_dir: Path, scheduler_cls=None):
     """diffusers' own StableDiffusionPipeline on the same folder, CPU float32, for reference outputs."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
