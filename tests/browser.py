@@ -31,3 +31,31 @@ def set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+
+
+_LOADED_IMAGE_AS_PNG = """sel => {
+    const img = document.querySelector(sel);
+    if (!img || !img.complete || !img.naturalWidth) return null;
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    canvas.getContext('2d').drawImage(img, 0, 0);
+    return canvas.toDataURL('image/png');
+}"""
+
+
+def image_pixels(page, selector: str):
+    """The pixels of the image the browser shows at `selector`, once it has loaded.
+
+    Read back through a canvas rather than fetched again by URL: an image that Gradio replaces
+    while a job streams its updates can change between reading `src` and fetching it.
+    """
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data_url = page.wait_for_function(_LOADED_IMAGE_AS_PNG, arg=selector).json_value()
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)

@@ -4,22 +4,19 @@ model if it is there, else the tests' tiny random model), and per-session isolat
 """
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import torch
-from PIL import Image
 
 from modules import processing
 from webui import inspector
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = REPO / "models" / "Stable-diffusion" / "tiny-shapes"
-from tests.browser import require_browser, set_number
+from tests.browser import image_pixels, require_browser, set_number
 from tests.browser import open_page as _open_page
 
 
@@ -134,17 +131,8 @@ def view_src(page, name: str) -> str | None:
     return img.first.get_attribute("src") if img.count() else None
 
 
-def view_pixels(page, server, name: str) -> np.ndarray:
-    src = view_src(page, name)
-    assert src, f"the {name} view shows no image"
-    url = src if src.startswith("http") else server.url + src
-    r = requests.get(url, timeout=30)
-    r.raise_for_status()
-    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.float32)
-
-
-def all_views(page, server) -> dict[str, np.ndarray]:
-    return {name: view_pixels(page, server, name) for name in inspector.VIEWS}
+def all_views(page) -> dict[str, np.ndarray]:
+    return {name: image_pixels(page, f"#txt2img_inspector_{name} img") for name in inspector.VIEWS}
 
 
 def test_inspector_shows_four_views_that_follow_the_slider(browser, server):
@@ -155,7 +143,7 @@ def test_inspector_shows_four_views_that_follow_the_slider(browser, server):
     for name in inspector.VIEWS:  # labelled
         assert inspector.VIEW_LABELS[name] in page.inner_text(f"#txt2img_inspector_{name}")
     page.wait_for_selector("#txt2img_inspector_plot img")
-    last = all_views(page, server)
+    last = all_views(page)
     assert not np.array_equal(last["prompt"], last["negative"])  # the two branches predicted different images
     assert last["heatmap"].std() > 1.0  # guidance acted somewhere: the map is not blank
     assert re.search(r"guidance acted: \|e - e_prompt\| = [\d.e+-]+", inspector_text(page))
@@ -165,7 +153,7 @@ def test_inspector_shows_four_views_that_follow_the_slider(browser, server):
     wait_info(page, r"^Step 2/6")
     page.wait_for_function("s => document.querySelector('#txt2img_inspector_combined img')?.src !== s",
                            arg=before["combined"])
-    second = all_views(page, server)
+    second = all_views(page)
     for name in ("prompt", "negative", "combined"):  # an earlier step: other predictions
         assert not np.array_equal(second[name], last[name]), name
     assert not np.array_equal(second["prompt"], second["negative"])
