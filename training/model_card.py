@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Write the tiny-shapes model card (README.md) from train_log.json and eval.json.
+"""Write the tiny-shapes model card (README.md) from the model folder's measurements.
 
-    python training/model_card.py --model models/Stable-diffusion/tiny-shapes [--note TEXT]
+Every figure comes from train_log.json, eval.json, eval_samplers.json and eval_rules.json; the
+reading of them, which a script cannot write, comes from training/model_card_notes.md.
+
+    python training/model_card.py --model models/Stable-diffusion/tiny-shapes
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "Stable-diffusion" / "tiny-shapes"
-TRAIN_CMD = "python training/train_tiny_shapes.py --threads 1"
+TRAIN_CMD = "python training/train_tiny_shapes.py"
+NOTES = Path(__file__).resolve().parent / "model_card_notes.md"
 
 
 def pct(x):
@@ -38,11 +42,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--note", action="append", default=[], help="extra paragraph(s) for the card")
+    ap.add_argument("--notes-file", default=str(NOTES), help="hand-written discussion, appended")
     ap.add_argument("--train-command", default=TRAIN_CMD)
     args = ap.parse_args(argv)
     model = Path(args.model)
     tl = json.loads((model / "train_log.json").read_text())
-    ev = json.loads((model / "eval.json").read_text()) if (model / "eval.json").exists() else {}
+    ev, ev_samplers, ev_rules = (json.loads((model / f).read_text()) if (model / f).exists() else {}
+                                 for f in ("eval.json", "eval_samplers.json", "eval_rules.json"))
     cfg = tl["config"]
     unet_loss = tl["unet_loss"]
     n = len(unet_loss)
@@ -116,9 +122,21 @@ def main(argv=None):
              f"brightness, i.e. the background), min-SNR-{cfg['min_snr']:g} loss weighting, gradient "
              f"clipping {cfg['grad_clip']}, EMA {cfg['ema']} of UNet and text-encoder weights (exported). "
              f"A caption is drawn fresh each step from the image's attributes: sentence or tag style, "
-             f"each attribute dropped with probability 0.25, 10% empty.")
+             f"each attribute dropped independently, 10% empty.")
     L.append("4. Export: EMA weights in float16, `latent_rgb.json`, loss log (`train_log.json`, "
              "`train_loss.csv`) and `loss_curve.png`.\n")
+    changes = [e for e in tl.get("events", []) if e["event"].endswith("_changed")]
+    if changes:
+        L.append("Changes made on resuming (recorded in `train_log.json`, `events`; resuming with the same "
+                 "flags at the same step reproduces them):\n")
+        for e in changes:
+            key = e["event"][: -len("_changed")]
+            where = (f"UNet step {e['at_step']}" if e["at_phase"] == "unet" else
+                     f"{e['at_phase']} step {e['at_step']}" if e["at_phase"] != "done" else "after the finished run")
+            L.append(f"- `{key}`: {e['old']} -> {e['new']} ({where})")
+        L.append("")
+    drop = cfg.get("caption_drop", [0.25] * 3)
+    L.append(f"Caption attribute drop probabilities at the end (colour, shape, background): {drop}.\n")
     L.append(f"Final UNet loss (unweighted epsilon MSE, mean of the last 200 steps): **{last:.4f}**.\n")
     L.append("Every random draw of step k comes from a seed derived from (seed, phase, k); a checkpoint "
              f"(models, optimizers, EMA, RNG states, phase, step, elapsed time) is written every "
@@ -174,6 +192,31 @@ def main(argv=None):
                          "engine's prompt editing will.\n")
     else:
         L.append("Not evaluated yet: `python training/evaluate.py all`.\n")
+    if ev_samplers:
+        sm = ev_samplers["samplers"]
+        L.append(f"### Samplers (issue 6)\n")
+        L.append("```bash\n" + ev_samplers.get("command", "python training/evaluate.py samplers") + "\n```\n")
+        L.append(f"The 45 fully specified prompts, {sm['seeds_per_prompt']} seed(s) each, {sm['steps']} steps, "
+                 "CFG 7, every sampler of the registry through the engine (`process_images`, schedule type "
+                 "Automatic). Target: colour and shape right in at least 90%.\n")
+        L.append("| sampler | colour | shape | colour and shape | |\n|---|---|---|---|---|")
+        for name, v in sm["per_sampler"].items():
+            L.append(f"| {name} | {pct(v['color'])} | {pct(v['shape'])} | {pct(v['color_and_shape'])} | "
+                     f"{ok(v['color_and_shape'], 0.90)} |")
+        L.append("")
+    if ev_rules:
+        import negatives  # training/negatives.py, beside this file
+
+        L.append("## Negative guidance rules (issue 9)\n")
+        L.append("Same seeds with and without the negative prompt, through the project's engine "
+                 "(`process_images`, DDIM 20 steps, CFG 7), judged from pixels. *Removal* = 1 - rate with / "
+                 "rate without of what the negative names; *kept* = the rest of the prompt right, with the "
+                 "negative.\n")
+        L.append("```bash\n" + ev_rules.get("command", "python training/evaluate.py rules") + "\n```\n")
+        L.append(negatives.format_tables(ev_rules["rules"] if "rules" in ev_rules else ev_rules))
+    notes = Path(args.notes_file)
+    if notes.exists():
+        L.append(notes.read_text().strip() + "\n")
     (model / "README.md").write_text("\n".join(L) + "\n")
     print(f"wrote {model / 'README.md'}")
 

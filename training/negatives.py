@@ -59,8 +59,10 @@ SETTINGS: dict[str, dict] = {
     "Perp-Neg, negative from 0.3": {"guidance": "Perp-Neg", "negative_start": 0.3},
     "Perp-Neg pixel, weight 2": {"guidance": "Perp-Neg pixel", "negative_weight": 2.0},
     "CFG, negative weight 0.5": {"negative_weight": 0.5},
+    "CFG, negative weight 2": {"negative_weight": 2.0},
     "CFG, guidance interval 0-0.7": {"guidance_interval": (0.0, 0.7)},
     "CFG, rescale 0.7": {"cfg_rescale": 0.7},
+    "CFG, NGMS 1": {"s_min_uncond": 1.0},
 }
 
 

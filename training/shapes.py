@@ -81,12 +81,16 @@ def render_example(seed: int) -> tuple[np.ndarray, dict]:
     return img, a
 
 
-def make_caption(attrs: dict, rng: np.random.Generator) -> str:
-    """A caption for ``attrs``: sentence or tag style, attributes dropped at random."""
+def make_caption(attrs: dict, rng: np.random.Generator,
+                 p_drop: tuple[float, float, float] = (P_DROP, P_DROP, P_DROP)) -> str:
+    """A caption for ``attrs``: sentence or tag style, attributes dropped at random.
+
+    ``p_drop`` is the chance of dropping (colour, shape, background), each independently.
+    """
     if rng.random() < P_EMPTY:
         return ""
     tags = rng.random() < P_TAGS
-    keep = rng.random(3) >= P_DROP
+    keep = rng.random(3) >= np.asarray(p_drop)
     color = attrs["color"] if keep[0] else None
     shape = attrs["shape"] if keep[1] else None
     bg = attrs["background"] if keep[2] else None

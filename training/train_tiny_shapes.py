@@ -194,7 +194,8 @@ def unet_batch(cfg, k, pool, tok, alphas):
     idx = rng.integers(n, size=cfg["batch"])
     caps = [S.make_caption(dict(color=S.COLOR_NAMES[pool["color"][i]],
                                 shape=S.SHAPES[pool["shape"][i]],
-                                background=S.BACKGROUND_NAMES[pool["background"][i]]), rng)
+                                background=S.BACKGROUND_NAMES[pool["background"][i]]), rng,
+                            cfg.get("caption_drop", (S.P_DROP,) * 3))
             for i in idx]
     x0 = pool["latents"][torch.from_numpy(idx)] * pool["scaling_factor"]
     g = torch.Generator().manual_seed(step_seed(cfg, 3, k))
@@ -621,6 +622,8 @@ def main(argv=None):
                     help="with --export-only: the raw weights instead of the EMA (for comparison)")
     ap.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps per phase, exit")
     ap.add_argument("--vae-channels", default=None, help="e.g. 16,32,32")
+    ap.add_argument("--caption-drop", default=None, metavar="C,S,B",
+                    help="chance of dropping colour, shape, background from a caption (default 0.25 each)")
     for key in ("vae_steps", "unet_steps", "pool", "batch", "threads", "seed", "vae_groups"):
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=None)
     for key in ("lr", "offset_noise", "ema", "ckpt_minutes"):
@@ -630,6 +633,10 @@ def main(argv=None):
     cfg = dict(CONFIGS[args.config])
     if args.vae_channels:
         cfg["vae_channels"] = [int(c) for c in args.vae_channels.split(",")]
+    if args.caption_drop:
+        args.caption_drop = [float(p) for p in args.caption_drop.split(",")]
+        assert len(args.caption_drop) == 3, "--caption-drop takes three probabilities: colour,shape,background"
+        cfg["caption_drop"] = args.caption_drop
     for key in ("vae_steps", "unet_steps", "pool", "batch", "threads", "seed", "lr",
                 "offset_noise", "ema", "ckpt_minutes", "vae_groups"):
         if getattr(args, key) is not None:
@@ -648,15 +655,21 @@ def main(argv=None):
     if args.resume:
         if tr.ckpt_path.exists():
             tr.load()
-            # emergency valve: a shorter/longer phase (changes the LR schedule from here on);
-            # recorded in the log, and reproducible by resuming with the same flags at the same step
-            for key in ("vae_steps", "unet_steps"):
+            # a shorter/longer phase (changes the LR schedule from here on), another caption mix or
+            # thread count: recorded in the log, and reproducible by resuming with the same flags at
+            # the same step. More UNet steps than a finished run had reopen its UNet phase (a warm
+            # restart: the cosine continues from where the longer schedule would be).
+            finished_unet = tr.cfg["unet_steps"] if tr.phase in ("export", "done") else None
+            for key in ("vae_steps", "unet_steps", "caption_drop", "threads"):
                 val = getattr(args, key)
-                if val is not None and val != tr.cfg[key]:
+                if val is not None and val != tr.cfg.get(key):
                     tr.log["events"].append(dict(event=f"{key}_changed", at_phase=tr.phase,
-                                                 at_step=tr.step, old=tr.cfg[key], new=val))
+                                                 at_step=tr.step, old=tr.cfg.get(key), new=val))
                     tr.cfg[key] = val
                     print(f"{key} changed to {val} at phase {tr.phase} step {tr.step}")
+            if finished_unet is not None and tr.cfg["unet_steps"] > finished_unet:
+                tr.phase, tr.step = "unet", finished_unet
+                print(f"UNet phase reopened at step {finished_unet} of {tr.cfg['unet_steps']}")
             torch.set_num_threads(tr.cfg["threads"])
         else:
             print(f"no checkpoint in {tr.work}; starting fresh")
