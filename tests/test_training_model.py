@@ -41,3 +41,20 @@ def test_fixed_prompt_and_seed():
     assert img.shape == (64, 64, 3)
     j = S.judge(img)
     assert (j["color"], j["shape"], j["background"]) == ("red", "square", "black"), j
+
+
+def test_sampler_rows_merge_and_pass_at_a_usual_step_count():
+    """A second samplers run adds a sampler at another step count; a sampler passes when some row
+    in 20-30 steps reaches 90%, and a row outside that range does not count."""
+    import evaluate as E
+
+    first = {"per_sampler": {"DDIM": dict(sampler="DDIM", steps=20, color_and_shape=1.0),
+                             "PLMS": dict(sampler="PLMS", steps=20, color_and_shape=0.889)}}
+    merged = E.merge_sampler_rows({}, first, "run 1")
+    assert not merged["passed"] and merged["per_sampler"]["PLMS"]["command"] == "run 1"
+    far = E.merge_sampler_rows(merged, {"per_sampler": {
+        "PLMS, 50 steps": dict(sampler="PLMS", steps=50, color_and_shape=1.0)}}, "run 2")
+    assert not far["passed"]
+    near = E.merge_sampler_rows(far, {"per_sampler": {
+        "PLMS, 25 steps": dict(sampler="PLMS", steps=25, color_and_shape=0.93)}}, "run 3")
+    assert near["passed"] and list(near["per_sampler"]) == ["DDIM", "PLMS", "PLMS, 50 steps", "PLMS, 25 steps"]

@@ -45,3 +45,26 @@ def test_resume_is_bit_exact(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
     assert a["log"]["unet"] == b["log"]["unet"]
     assert a["scaling_factor"] == b["scaling_factor"]
+
+
+def test_more_unet_steps_reopen_a_finished_run_with_another_caption_mix(tmp_path):
+    """How the shipped model got its last 2,100 steps: a finished run, resumed with a longer UNet
+    schedule and another caption mix, trains exactly the extra steps, and says so in its log."""
+    common = ["--config", "tiny", "--no-export", "--out", str(tmp_path / "unused"), "--work-dir", str(tmp_path / "w")]
+    assert T.main(common) == 0
+    done = _weights(tmp_path / "w")
+    assert done["phase"] == "export" and len(done["log"]["unet"]) == 6
+    assert T.main(common + ["--resume", "--unet-steps", "9", "--caption-drop", "1,0,1"]) == 0
+    more = _weights(tmp_path / "w")
+    assert more["phase"] == "export" and more["cfg"]["unet_steps"] == 9
+    assert more["log"]["unet"][:6] == done["log"]["unet"] and len(more["log"]["unet"]) == 9
+    assert more["cfg"]["caption_drop"] == [1.0, 0.0, 1.0]
+    changed = {e["event"]: (e["old"], e["new"]) for e in more["log"]["events"] if e["event"].endswith("_changed")}
+    assert changed == {"unet_steps_changed": (6, 9), "caption_drop_changed": (None, [1.0, 0.0, 1.0])}
+    assert not torch.equal(more["unet"]["conv_in.weight"], done["unet"]["conv_in.weight"])  # it trained
+
+
+def test_caption_drop_must_be_three_probabilities(tmp_path):
+    with pytest.raises(SystemExit):
+        T.main(["--config", "tiny", "--work-dir", str(tmp_path), "--caption-drop", "0.5,2"])
+    assert not (tmp_path / "ckpt.pt").exists()

@@ -65,3 +65,11 @@ def test_caption_words_match_attributes():
         assert words <= {"a", "red", "circle", "shape", "on", "white", "background"}
     full = S.full_prompt("red", "circle", "white")
     assert full == "a red circle on a white background"
+
+
+def test_caption_drop_is_per_attribute():
+    """Colour always dropped, shape never, background always: only the shape word is left."""
+    rng = np.random.default_rng(0)
+    attrs = dict(color="red", shape="circle", background="white")
+    caps = {S.make_caption(attrs, rng, p_drop=(1.0, 0.0, 1.0)) for _ in range(200)}
+    assert caps == {"", "circle", "a circle"}

@@ -634,8 +634,12 @@ def main(argv=None):
     if args.vae_channels:
         cfg["vae_channels"] = [int(c) for c in args.vae_channels.split(",")]
     if args.caption_drop:
-        args.caption_drop = [float(p) for p in args.caption_drop.split(",")]
-        assert len(args.caption_drop) == 3, "--caption-drop takes three probabilities: colour,shape,background"
+        try:
+            args.caption_drop = [float(p) for p in args.caption_drop.split(",")]
+        except ValueError:
+            args.caption_drop = []
+        if len(args.caption_drop) != 3 or not all(0 <= p <= 1 for p in args.caption_drop):
+            ap.error("--caption-drop takes three probabilities in 0..1: colour,shape,background")
         cfg["caption_drop"] = args.caption_drop
     for key in ("vae_steps", "unet_steps", "pool", "batch", "threads", "seed", "lr",
                 "offset_noise", "ema", "ckpt_minutes", "vae_groups"):
