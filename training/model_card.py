@@ -214,7 +214,7 @@ def main(argv=None):
                  "rate without of what the negative names; *kept* = the rest of the prompt right, with the "
                  "negative.\n")
         L.append("```bash\n" + ev_rules.get("command", "python training/evaluate.py rules") + "\n```\n")
-        L.append(negatives.format_tables(ev_rules["rules"] if "rules" in ev_rules else ev_rules))
+        L.append(negatives.format_tables(ev_rules["rules"]))
     notes = Path(args.notes_file)
     if notes.exists():
         L.append(notes.read_text().strip() + "\n")
