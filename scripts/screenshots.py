@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--prompt", default="a circle on a white background")
     ap.add_argument("--negative", default="red")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--seed", type=int, default=1239)
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="screenshots-"))

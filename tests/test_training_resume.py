@@ -66,5 +66,43 @@ def test_more_unet_steps_reopen_a_finished_run_with_another_caption_mix(tmp_path
 
 def test_caption_drop_must_be_three_probabilities(tmp_path):
     with pytest.raises(SystemExit):
-        T.main(["--config", "tiny", "--work-dir", str(tmp_path), "--caption-drop", "0.5,2"])
+        T.main(["--config", "tiny", "--work-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--caption-drop", "0.5,2"])
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_start_from_an_exported_model_continues_its_unet_phase(tmp_path):
+    """How the shipped model got its last steps after its checkpoint was gone: the exported
+    weights are the starting point, the step count, loss log and training time carry on."""
+    first, cont = tmp_path / "first", tmp_path / "cont"
+    assert T.main(["--config", "tiny", "--work-dir", str(tmp_path / "w1"), "--out", str(first)]) == 0
+    run = ["--config", "tiny", "--work-dir", str(tmp_path / "w2"), "--out", str(cont)]
+    args = run + ["--start-from", str(first), "--unet-steps", "9"]
+    assert T.main(args + ["--stop-after", "10"]) == 0          # 4 VAE + 6 UNet steps: stops at once
+    start = _weights(tmp_path / "w2")
+    assert start["phase"] == "unet" and start["step"] == 6
+    from diffusers import UNet2DConditionModel
+    exported = UNet2DConditionModel.from_pretrained(str(first / "unet")).state_dict()
+    _same({k: v.float() for k, v in exported.items()}, start["unet"])
+
+    assert T.main(run + ["--resume"]) == 0
+    import json
+    before = json.loads((first / "train_log.json").read_text())
+    after = json.loads((cont / "train_log.json").read_text())
+    assert after["unet_loss"][:6] == before["unet_loss"] and len(after["unet_loss"]) == 9
+    assert after["scaling_factor"] == before["scaling_factor"]
+    assert after["wall_minutes"] > before["wall_minutes"]
+    assert [e for e in after["events"] if e["event"] == "started_from_export"][0]["at_step"] == 6
+
+
+def test_start_from_needs_more_unet_steps(tmp_path):
+    assert T.main(["--config", "tiny", "--work-dir", str(tmp_path / "w1"), "--out", str(tmp_path / "m")]) == 0
+    with pytest.raises(SystemExit):
+        T.main(["--config", "tiny", "--work-dir", str(tmp_path / "w2"), "--out", str(tmp_path / "o"),
+                "--start-from", str(tmp_path / "m"), "--unet-steps", "6"])
+    assert not (tmp_path / "w2" / "ckpt.pt").exists()
+
+
+def test_the_tiny_config_never_writes_the_shipped_model(tmp_path):
+    with pytest.raises(SystemExit):
+        T.main(["--config", "tiny", "--work-dir", str(tmp_path)])
     assert not (tmp_path / "ckpt.pt").exists()

@@ -54,11 +54,12 @@ def main(argv=None):
     n = len(unet_loss)
     last = sum(unet_loss[-200:]) / max(1, len(unet_loss[-200:]))
     vae_last = sum(tl["vae_mse"][-100:]) / max(1, len(tl["vae_mse"][-100:]))
-    ev_by = {e["event"]: e for e in tl.get("events", [])}
+    events = tl.get("events", [])
 
-    def minutes(ev_name, key="wall"):
-        e = ev_by.get(ev_name)
-        return f"{e[key] / 60:.1f}" if e else "?"
+    def minutes(ev_name, last=False):
+        """Wall minutes at the first (or last) time the event happened: a resumed run repeats some."""
+        times = [e["wall"] for e in events if e["event"] == ev_name]
+        return f"{times[-1 if last else 0] / 60:.1f}" if times else "?"
 
     L = []
     L.append("# tiny-shapes: the embedded default model\n")
@@ -107,7 +108,7 @@ def main(argv=None):
              f"(process CPU time, all threads), the trainer's own counts summed over its sittings on a "
              f"2-core machine ({cfg['threads']} torch thread(s) in the last one; see \"How the shipped weights "
              f"were trained\" below) (VAE done at {minutes('vae_done')} min, latent pool at "
-             f"{minutes('encode_done')} min, UNet done at {minutes('unet_done')} min).\n")
+             f"{minutes('encode_done')} min, UNet done at {minutes('unet_done', last=True)} min).\n")
     L.append("Recipe (`training/train_tiny_shapes.py`, data in `training/shapes.py`):\n")
     L.append(f"1. VAE: {cfg['vae_steps']} steps, batch {cfg['vae_batch']} of fresh procedural images, "
              f"loss MSE + {cfg['vae_l1']} L1 + {cfg['vae_kl']:g} KL, AdamW {cfg['vae_lr']:g} with warm-up "
@@ -126,11 +127,16 @@ def main(argv=None):
              f"each attribute dropped independently, 10% empty.")
     L.append("4. Export: EMA weights in float16, `latent_rgb.json`, loss log (`train_log.json`, "
              "`train_loss.csv`) and `loss_curve.png`.\n")
-    changes = [e for e in tl.get("events", []) if e["event"].endswith("_changed")]
+    changes = [e for e in events
+               if e["event"].endswith("_changed") or e["event"] == "started_from_export"]
     if changes:
         L.append("Changes made on resuming (recorded in `train_log.json`, `events`; resuming with the same "
                  "flags at the same step reproduces them):\n")
         for e in changes:
+            if e["event"] == "started_from_export":
+                L.append(f"- started again from the exported weights at UNet step {e['at_step']:,} "
+                         f"(`--start-from`, fresh optimizer), to {e['unet_steps']:,} steps")
+                continue
             key = e["event"][: -len("_changed")]
             where = (f"UNet step {e['at_step']}" if e["at_phase"] == "unet" else
                      f"{e['at_phase']} step {e['at_step']}" if e["at_phase"] != "done" else "after the finished run")

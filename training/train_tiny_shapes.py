@@ -17,6 +17,8 @@ run reproduces the uninterrupted one bit for bit (same thread count).
     python training/train_tiny_shapes.py --resume        # continue from the last checkpoint
     python training/train_tiny_shapes.py --bench 20      # seconds per step, then exit
     python training/train_tiny_shapes.py --export-only /tmp/x   # export the checkpoint's EMA weights
+    python training/train_tiny_shapes.py --start-from models/Stable-diffusion/tiny-shapes --unet-steps N
+        # more UNet steps for an exported model whose checkpoint is gone (fresh optimizer)
 """
 from __future__ import annotations
 
@@ -313,6 +315,40 @@ class Trainer:
         self._t0, self._c0 = time.time(), time.process_time()
         print(f"resumed: phase={self.phase} step={self.step} wall so far {self.elapsed / 60:.1f} min")
 
+    def start_from_export(self, folder: Path):
+        """Reopen the UNet phase of an exported model whose checkpoint is gone.
+
+        The exported (fp16, EMA) weights become both the weights and the EMA, the optimizer
+        starts fresh, and the folder's train_log.json is carried on: its time counts towards
+        the training budget and its loss curve continues. The latent pool is re-encoded with
+        the exported VAE, keeping the exported scaling factor, so the UNet sees what it saw.
+        """
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+        folder = Path(folder)
+        prior = json.loads((folder / "train_log.json").read_text())
+        if prior["phase"] != "done":
+            raise SystemExit(f"{folder}: its training did not finish (phase {prior['phase']})")
+        for model, cls, sub in ((self.vae, AutoencoderKL, "vae"), (self.unet, UNet2DConditionModel, "unet"),
+                                (self.te, CLIPTextModel, "text_encoder")):
+            loaded = cls.from_pretrained(str(folder / sub), local_files_only=True)
+            model.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()})
+        self.ema = ema_init([self.unet, self.te])
+        self.pool_path.unlink(missing_ok=True)   # a pool from another VAE must not be reused
+        self.scaling_factor = float(prior["scaling_factor"])
+        self.elapsed, self.cpu = prior["wall_minutes"] * 60, prior["cpu_minutes"] * 60
+        self._t0, self._c0 = time.time(), time.process_time()
+        self.log = dict(vae=prior["vae_loss"], vae_mse=prior["vae_mse"], unet=prior["unet_loss"],
+                        events=prior["events"], recon_mse=prior["recon_mse"],
+                        scaling_factor=self.scaling_factor)
+        self.phase, self.step = "encode", len(prior["unet_loss"])
+        self.log["events"].append(dict(event="started_from_export", folder=str(folder),
+                                       at_step=self.step, unet_steps=self.cfg["unet_steps"],
+                                       caption_drop=self.cfg.get("caption_drop"),
+                                       threads=self.cfg["threads"]))
+        print(f"started from {folder}: UNet step {self.step} of {self.cfg['unet_steps']}, "
+              f"wall so far {self.elapsed / 60:.1f} min")
+
     def maybe_save(self):
         if time.time() - self._last_ckpt >= self.cfg["ckpt_minutes"] * 60:
             self.save("periodic")
@@ -370,7 +406,8 @@ class Trainer:
 
         if self.phase == "encode":
             self.encode_pool()
-            self.phase, self.step = "unet", 0
+            # a run started from an exported model continues its UNet step count
+            self.phase, self.step = "unet", self.step
             self.log["events"].append(dict(event="encode_done", wall=self.wall(), cpu=self.cputime()))
             self.save("pool encoded")
 
@@ -415,7 +452,8 @@ class Trainer:
             shp += [S.SHAPES.index(a["shape"]) for a in attrs]
             bgs += [S.BACKGROUND_NAMES.index(a["background"]) for a in attrs]
         lat = torch.cat(lat)
-        sf = float(1.0 / lat.std())
+        # set from the latents' spread, unless the UNet was trained with one already
+        sf = self.scaling_factor or float(1.0 / lat.std())
         self.scaling_factor = sf
         self.pool = dict(latents=lat, color=np.array(col), shape=np.array(shp),
                          background=np.array(bgs), scaling_factor=sf, n=n,
@@ -620,6 +658,9 @@ def main(argv=None):
                     help="export the checkpoint's current EMA weights to DIR and exit")
     ap.add_argument("--export-raw", action="store_true",
                     help="with --export-only: the raw weights instead of the EMA (for comparison)")
+    ap.add_argument("--start-from", default=None, metavar="DIR",
+                    help="reopen the UNet phase of the model exported to DIR (its checkpoint gone) "
+                         "up to --unet-steps, from its weights with a fresh optimizer")
     ap.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps per phase, exit")
     ap.add_argument("--vae-channels", default=None, help="e.g. 16,32,32")
     ap.add_argument("--caption-drop", default=None, metavar="C,S,B",
@@ -631,6 +672,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     cfg = dict(CONFIGS[args.config])
+    if args.config != "full" and Path(args.out).resolve() == DEFAULT_OUT.resolve() and not args.bench:
+        ap.error(f"--config {args.config} needs --out: it would overwrite the shipped model")
+    if args.start_from:
+        # the exported model's own configuration, changed only by the flags given
+        prior = json.loads((Path(args.start_from) / "train_log.json").read_text())["config"]
+        cfg.update(prior)
+        if args.resume or args.unet_steps is None or args.unet_steps <= prior["unet_steps"]:
+            ap.error(f"--start-from needs --unet-steps above the model's {prior['unet_steps']} "
+                     "(and no --resume: resume the new run's own checkpoint instead)")
     if args.vae_channels:
         cfg["vae_channels"] = [int(c) for c in args.vae_channels.split(",")]
     if args.caption_drop:
@@ -680,6 +730,8 @@ def main(argv=None):
     elif tr.ckpt_path.exists():
         print(f"{tr.ckpt_path} exists: use --resume, or remove it to start over", file=sys.stderr)
         return 2
+    elif args.start_from:
+        tr.start_from_export(Path(args.start_from))
     print("config:", json.dumps(tr.cfg))
     done = tr.run(stop_after=args.stop_after, export=not args.no_export)
     print(f"{'finished' if done else 'stopped'}: phase={tr.phase} step={tr.step} "
