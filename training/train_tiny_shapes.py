@@ -406,8 +406,7 @@ class Trainer:
 
         if self.phase == "encode":
             self.encode_pool()
-            # a run started from an exported model continues its UNet step count
-            self.phase, self.step = "unet", self.step
+            self.phase = "unet"   # from step 0, or where a model started from (--start-from) stopped
             self.log["events"].append(dict(event="encode_done", wall=self.wall(), cpu=self.cputime()))
             self.save("pool encoded")
 
