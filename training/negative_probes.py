@@ -17,14 +17,9 @@ from pathlib import Path
 import numpy as np
 
 import negatives as N  # training/negatives.py (puts the repo on sys.path)
-import shapes as S
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE_PROMPT = "a blue shape on a gray background"
-
-
-def shapes_drawn(model, prompt: str, negative: str, n: int) -> list[dict]:
-    return [S.judge(im) for im in N.generate(model, prompt, negative, n)]
 
 
 def size(j: dict) -> float:
@@ -48,7 +43,7 @@ def main(argv=None) -> int:
     runs = {}
     for prompt, negative in [("", ""), (SHAPE_PROMPT, ""), (SHAPE_PROMPT, "circle"), (SHAPE_PROMPT, "square"),
                              (SHAPE_PROMPT, "triangle"), ("a blue circle on a gray background", "")]:
-        runs[prompt, negative] = judged = shapes_drawn(model, prompt, negative, n)
+        runs[prompt, negative] = judged = N.generate_judged(model, prompt, negative, n)
         print(f"{prompt!r:40} negative {negative!r:10} shapes {dict(Counter(j['shape'] for j in judged))}")
     without, with_ = runs[SHAPE_PROMPT, ""], runs[SHAPE_PROMPT, "circle"]
     stayed = [size(a) for a, b in zip(without, with_) if a["shape"] == "circle" and b["shape"] == "circle"]

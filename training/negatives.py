@@ -79,6 +79,11 @@ def generate(model, prompt: str, negative: str, n_seeds: int, seed0: int = 0, st
     return [np.asarray(im) for im in processing.process_images(model, p).images]
 
 
+def generate_judged(model, prompt: str, negative: str, n_seeds: int, seed0: int = 0, **fields) -> list[Judgement]:
+    """`generate`'s images, judged from pixels."""
+    return [S.judge(im) for im in generate(model, prompt, negative, n_seeds, seed0, **fields)]
+
+
 def rate(judged: list[Judgement], predicate) -> float:
     return float(np.mean([predicate(j) for j in judged]))
 
@@ -90,11 +95,11 @@ def report(model_dir: Path, n_seeds: int = 40, settings: list[str] | None = None
     model = sd_models.load_model(model_dir, device="cpu")
     out = {}
     for case in CASES:
-        without = [S.judge(im) for im in generate(model, case.prompt, "", n_seeds, seed0)]
+        without = generate_judged(model, case.prompt, "", n_seeds, seed0)
         base_named = rate(without, case.is_named)
         row = {"without": {"named_rate": base_named, "keep_rate": rate(without, case.is_kept)}}
         for name in settings or SETTINGS:
-            judged = [S.judge(im) for im in generate(model, case.prompt, case.negative, n_seeds, seed0, **SETTINGS[name])]
+            judged = generate_judged(model, case.prompt, case.negative, n_seeds, seed0, **SETTINGS[name])
             named = rate(judged, case.is_named)
             row[name] = {"named_rate": named, "removal": (1 - named / base_named) if base_named else None,
                          "keep_rate": rate(judged, case.is_kept)}

@@ -315,24 +315,22 @@ class Trainer:
         self._t0, self._c0 = time.time(), time.process_time()
         print(f"resumed: phase={self.phase} step={self.step} wall so far {self.elapsed / 60:.1f} min")
 
-    def start_from_export(self, folder: Path):
+    def start_from_export(self, folder: Path, prior: dict):
         """Reopen the UNet phase of an exported model whose checkpoint is gone.
 
-        The exported (fp16, EMA) weights become both the weights and the EMA, the optimizer
-        starts fresh, and the folder's train_log.json is carried on: its time counts towards
-        the training budget and its loss curve continues. The latent pool is re-encoded with
-        the exported VAE, keeping the exported scaling factor, so the UNet sees what it saw.
+        ``prior`` is the folder's train_log.json. The exported (fp16, EMA) weights become both
+        the weights and the EMA, the optimizer starts fresh, and the log is carried on: its time
+        counts towards the training budget and its loss curve continues. The latent pool is
+        re-encoded with the exported VAE, keeping the exported scaling factor, so the UNet sees
+        what it saw.
         """
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
-        folder = Path(folder)
-        prior = json.loads((folder / "train_log.json").read_text())
+        from diffusers import StableDiffusionPipeline
         if prior["phase"] != "done":
             raise SystemExit(f"{folder}: its training did not finish (phase {prior['phase']})")
-        for model, cls, sub in ((self.vae, AutoencoderKL, "vae"), (self.unet, UNet2DConditionModel, "unet"),
-                                (self.te, CLIPTextModel, "text_encoder")):
-            loaded = cls.from_pretrained(str(folder / sub), local_files_only=True)
-            model.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()})
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True,
+                                                       safety_checker=None, feature_extractor=None)
+        for model, loaded in ((self.vae, pipe.vae), (self.unet, pipe.unet), (self.te, pipe.text_encoder)):
+            model.load_state_dict(loaded.state_dict())
         self.ema = ema_init([self.unet, self.te])
         self.pool_path.unlink(missing_ok=True)   # a pool from another VAE must not be reused
         self.scaling_factor = float(prior["scaling_factor"])
@@ -673,12 +671,13 @@ def main(argv=None):
     cfg = dict(CONFIGS[args.config])
     if args.config != "full" and Path(args.out).resolve() == DEFAULT_OUT.resolve() and not args.bench:
         ap.error(f"--config {args.config} needs --out: it would overwrite the shipped model")
+    prior_log = None
     if args.start_from:
         # the exported model's own configuration, changed only by the flags given
-        prior = json.loads((Path(args.start_from) / "train_log.json").read_text())["config"]
-        cfg.update(prior)
-        if args.resume or args.unet_steps is None or args.unet_steps <= prior["unet_steps"]:
-            ap.error(f"--start-from needs --unet-steps above the model's {prior['unet_steps']} "
+        prior_log = json.loads((Path(args.start_from) / "train_log.json").read_text())
+        cfg.update(prior_log["config"])
+        if args.resume or args.unet_steps is None or args.unet_steps <= cfg["unet_steps"]:
+            ap.error(f"--start-from needs --unet-steps above the model's {cfg['unet_steps']} "
                      "(and no --resume: resume the new run's own checkpoint instead)")
     if args.vae_channels:
         cfg["vae_channels"] = [int(c) for c in args.vae_channels.split(",")]
@@ -730,7 +729,7 @@ def main(argv=None):
         print(f"{tr.ckpt_path} exists: use --resume, or remove it to start over", file=sys.stderr)
         return 2
     elif args.start_from:
-        tr.start_from_export(Path(args.start_from))
+        tr.start_from_export(Path(args.start_from), prior_log)
     print("config:", json.dumps(tr.cfg))
     done = tr.run(stop_after=args.stop_after, export=not args.no_export)
     print(f"{'finished' if done else 'stopped'}: phase={tr.phase} step={tr.step} "
