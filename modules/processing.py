@@ -1,4 +1,4 @@
-"""A txt2img job from parameters to images: StableDiffusionProcessingTxt2Img -> process_images -> Processed.
+"""A job from parameters to images: StableDiffusionProcessing* -> process_images -> Processed.
 
 Data flows one way: the parameters are validated, the prompt and the negative prompt are
 turned into conditioning schedules, the sampler runs (reporting each step to the hooks),
@@ -33,8 +33,11 @@ LIMITS = {"steps": (1, 150), "cfg_scale": (1.0, 30.0), "batch_size": (1, 8), "n_
 
 
 @dataclass
-class StableDiffusionProcessingTxt2Img:
-    """The parameters of a txt2img job, with AUTOMATIC1111's field names (also the API's JSON fields)."""
+class StableDiffusionProcessing(sd_guidance.GuidanceFields):
+    """The fields every job shares, with AUTOMATIC1111's names (also the API's JSON fields).
+
+    The guidance fields (guidance, negative_weight, ...) come from `sd_guidance.GuidanceFields`.
+    """
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -52,16 +55,13 @@ class StableDiffusionProcessingTxt2Img:
     height: int = 512
     eta: float | None = None
     clip_skip: int = 1
-    # Negative guidance beyond plain CFG (modules/sd_guidance.py); the defaults give plain CFG, bit for bit.
-    guidance: str = "CFG"
-    negative_weight: float = 1.0
-    negative_start: float = 0.0
-    negative_end: float = 1.0
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-    cfg_rescale: float = 0.0
-    s_min_uncond: float = 0.0
     do_not_save_samples: bool = False
     outpath_samples: str = "outputs/txt2img-images"
+
+
+@dataclass
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    """A txt2img job."""
 
 
 @dataclass
@@ -115,7 +115,7 @@ def _check_range(p, name: str, integer: bool) -> None:
         raise InvalidParameter(f"{name} must be between {lo} and {hi}, got {value}", field=name)
 
 
-def validate(p: StableDiffusionProcessingTxt2Img, model) -> None:
+def validate(p: StableDiffusionProcessing, model) -> None:
     """Reject parameters the engine cannot honour, before anything runs or is written."""
     for name in ("steps", "batch_size", "n_iter", "width", "height", "clip_skip"):
         _check_range(p, name, integer=True)
@@ -143,7 +143,7 @@ def fix_seed(seed: int) -> int:
     return int(random.randrange(4294967294)) if seed is None or seed == -1 else int(seed)
 
 
-def create_infotext(p: StableDiffusionProcessingTxt2Img, model, prompt: str, negative_prompt: str,
+def create_infotext(p: StableDiffusionProcessing, model, prompt: str, negative_prompt: str,
                     seed: int, subseed: int) -> str:
     """AUTOMATIC1111's infotext: prompt, `Negative prompt:` line (if any), then `Key: value` pairs."""
     params = {
@@ -166,7 +166,7 @@ def create_infotext(p: StableDiffusionProcessingTxt2Img, model, prompt: str, neg
     return f"{prompt}{negative}\n{images_module.format_parameters(params)}".strip()
 
 
-def guidance_infotext(p: StableDiffusionProcessingTxt2Img) -> dict:
+def guidance_infotext(p: StableDiffusionProcessing) -> dict:
     """The negative-guidance fields that differ from plain CFG, for the infotext."""
     lo, hi = p.guidance_interval
     return {
@@ -180,7 +180,7 @@ def guidance_infotext(p: StableDiffusionProcessingTxt2Img) -> dict:
     }
 
 
-def negative_conditioning(model, encode, p: StableDiffusionProcessingTxt2Img, negative_prompts: list[str]):
+def negative_conditioning(model, encode, p: StableDiffusionProcessing, negative_prompts: list[str]):
     """The negative prompts' schedules, with the job's negative weight and window applied.
 
     A weight of 0 means "no negative prompt": the texts are replaced by the empty prompt, so
@@ -195,7 +195,7 @@ def negative_conditioning(model, encode, p: StableDiffusionProcessingTxt2Img, ne
     return [sd_guidance.windowed_negative(s, empty, p.negative_start, p.negative_end, p.steps) for s in schedules]
 
 
-def schedule_type_label(p: StableDiffusionProcessingTxt2Img) -> str | None:
+def schedule_type_label(p: StableDiffusionProcessing) -> str | None:
     """The infotext's `Schedule type`: the label chosen (or split off a legacy name); left out when Automatic."""
     label = get_sampler_and_scheduler(p.sampler_name, p.scheduler)[1].label
     return None if label == "Automatic" else label
@@ -213,7 +213,7 @@ def progress_hook(state: JobState) -> AfterSampleHook:
     return hook
 
 
-def process_images(model, p: StableDiffusionProcessingTxt2Img, hooks: list[AfterSampleHook] = (),
+def process_images(model, p: StableDiffusionProcessing, hooks: list[AfterSampleHook] = (),
                    state: JobState | None = None) -> Processed:
     """Run a txt2img job on `model`. `hooks` are called after every sampling step with a StepInfo."""
     validate(p, model)
@@ -225,9 +225,7 @@ def process_images(model, p: StableDiffusionProcessingTxt2Img, hooks: list[After
     all_subseeds = [subseed + i for i in range(count)]
     sampler = create_sampler(p.sampler_name, model, scheduler=p.scheduler, eta=p.eta)
     encode = TextEncodingCache(lambda text: model.get_learned_conditioning(text, p.clip_skip))
-    guidance = sd_guidance.GuidanceSettings(
-        sd_guidance.find_guidance_rule(p.guidance), p.cfg_scale, p.negative_weight,
-        tuple(float(v) for v in p.guidance_interval), p.cfg_rescale, p.s_min_uncond)
+    guidance = sd_guidance.settings_for(p)
     latent_shape = (model.latent_channels, p.height // model.vae_scale_factor, p.width // model.vae_scale_factor)
     hooks = [progress_hook(state), *hooks]
     output_images, infotexts, saved = [], [], []
@@ -245,7 +243,8 @@ def process_images(model, p: StableDiffusionProcessingTxt2Img, hooks: list[After
                                device=model.device, dtype=model.dtype)
                 state.sampling_steps = p.steps
                 denoiser = CFGDenoiser(model, cond, uncond, p.cfg_scale, p.steps, encode(""), guidance)
-                samples = sampler.sample(denoiser, rng.first(), p.steps, rng, hooks)
+                with sd_guidance.attention_guidance(model, p):
+                    samples = sampler.sample(denoiser, rng.first(), p.steps, rng, hooks)
                 for i, image in enumerate(images_module.latents_to_pil(model.decode_first_stage(samples))):
                     index = n * p.batch_size + i
                     text = create_infotext(p, model, all_prompts[index], all_negative_prompts[index],

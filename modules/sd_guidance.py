@@ -12,6 +12,7 @@ each step (negative weight, delayed negative); they reuse the prompt-editing mac
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -84,6 +85,21 @@ def find_guidance_rule(name: str) -> GuidanceRule:
                            field="guidance")
 
 
+@dataclass
+class GuidanceFields:
+    """The guidance fields of a job (StableDiffusionProcessing inherits them, so they are also API,
+    page and infotext fields); the defaults give plain CFG, bit for bit."""
+
+    guidance: str = "CFG"
+    negative_weight: float = 1.0
+    negative_start: float = 0.0
+    negative_end: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_rescale: float = 0.0
+    s_min_uncond: float = 0.0
+    negative_report: bool = False  # after the job: how strongly each image still shows the negative prompt
+
+
 @dataclass(frozen=True)
 class GuidanceSettings:
     """The per-job guidance fields, as the denoiser needs them."""
@@ -105,6 +121,17 @@ class GuidanceSettings:
         the uncond pass is skipped (the prompt branch stands in for it)."""
         sigma = ((1 - alpha) / alpha) ** 0.5
         return self.s_min_uncond > 0 and step % 2 == 1 and sigma < self.s_min_uncond
+
+
+def settings_for(p: GuidanceFields) -> GuidanceSettings:
+    """The denoiser's guidance settings for a job."""
+    return GuidanceSettings(find_guidance_rule(p.guidance), p.cfg_scale, p.negative_weight,
+                            tuple(float(v) for v in p.guidance_interval), p.cfg_rescale, p.s_min_uncond)
+
+
+def attention_guidance(model, p: GuidanceFields) -> contextlib.AbstractContextManager:
+    """What a rule changes inside the UNet for the duration of one job (nothing for the rules so far)."""
+    return contextlib.nullcontext()
 
 
 # -- the negative branch's conditioning, per step ---------------------------------------------
