@@ -20,22 +20,6 @@ from tests.browser import open_page, require_browser, set_number
 
 # ---- without a browser -----------------------------------------------------------------------
 
-def test_build_processing_converts_numbers_and_ignores_unknown_inputs():
-    from webui.ui import build_processing
-
-    p = build_processing({"prompt": "a", "steps": 12.0, "width": 64.0, "cfg_scale": 7, "seed": -1.0,
-                          "not_a_field_yet": 3}, "/tmp/out")
-    assert (p.prompt, p.steps, p.width, p.cfg_scale, p.seed) == ("a", 12, 64, 7.0, -1)
-    assert isinstance(p.steps, int) and isinstance(p.cfg_scale, float) and p.outpath_samples == "/tmp/out"
-    if "guidance_interval" in p.__dataclass_fields__:
-        q = build_processing({"guidance_interval[1]": 0.8, "guidance_interval[0]": 0.1}, "/tmp/out")
-        assert q.guidance_interval == (0.1, 0.8)
-    with pytest.raises(UserError, match="steps must be a whole number"):
-        build_processing({"steps": 2.5}, "/tmp/out")
-    with pytest.raises(UserError, match="width is empty"):
-        build_processing({"width": None}, "/tmp/out")
-
-
 def test_interrupt_reaches_only_the_sessions_own_job(tmp_path, monkeypatch):
     from webui import ui
     from webui.ui import SessionJobs

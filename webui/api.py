@@ -1,15 +1,13 @@
 """AUTOMATIC1111's HTTP API (/sdapi/v1) on this project's engine, so its clients work unchanged.
 
-The txt2img request model is generated from `StableDiffusionProcessingTxt2Img`'s fields (a
-field added to the dataclass becomes a JSON field here with no change to this file), plus
-the API-only fields AUTOMATIC1111 adds (`sampler_index`, `send_images`, `save_images`,
-`script_name`, `alwayson_scripts`, ...). Fields of features this project does not have are
-accepted and ignored while they are off; turned on, they are refused with a 422 naming
-them. Every error a client can cause is a 4xx with a `detail`: the engine's `UserError`s
-carry their status code (422 bad value, 404 unknown sampler or checkpoint).
-
-Jobs go through `WebUIContext.txt2img`, the queue the UI uses too, so progress and
-interrupt see whichever job is running, whoever sent it.
+Routes and schemas only: a request becomes a job in `webui/jobs.py` (the same code the page
+uses) and runs on the shared queue, so progress and interrupt see whichever job is running,
+whoever sent it. The request models are generated from the processing classes' fields (a
+field added to `StableDiffusionProcessing*` becomes a JSON field here with no change to
+this file), plus the API-only fields AUTOMATIC1111 adds (`sampler_index`, `send_images`,
+`save_images`, `script_name`, ...). Every error a client can cause is a 4xx with a
+`detail`: the engine's `UserError`s carry their status code (422 bad value, 404 unknown
+sampler or checkpoint).
 """
 from __future__ import annotations
 
@@ -22,40 +20,23 @@ import math
 import secrets
 import time
 import typing
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from PIL import Image, PngImagePlugin
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+from PIL import Image
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
 
 from modules import images as images_module
 from modules import sd_samplers
 from modules.errors import InvalidParameter, SamplerNotFound, UserError
 from modules.job_state import JobState
-from modules.processing import StableDiffusionProcessingTxt2Img
 from modules.scripts import XYZ_PLOT
-from modules.scripts import xyz_grid
+from webui import jobs
 from webui.context import WebUIContext
-
-# Dataclass fields a client may not set: where files are written is the server's business.
-NOT_FROM_API = {"outpath_samples", "do_not_save_samples"}
-
-# AUTOMATIC1111's request fields for features this project does not implement. Each is
-# ignored while its value says "off"; anything else is a 422 that names the feature.
-UNIMPLEMENTED: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
-    "enable_hr": ("hires fix (enable_hr)", lambda v: bool(v)),
-    "restore_faces": ("face restoration (restore_faces)", lambda v: bool(v)),
-    "tiling": ("tiling", lambda v: bool(v)),
-    "script_name": ("scripts (script_name)", lambda v: v not in (None, "", "None") and not _is_xyz(v)),
-    "alwayson_scripts": ("always-on scripts (alwayson_scripts)", lambda v: bool(v)),
-    "seed_resize_from_w": ("resize seed from width (seed_resize_from_w)", lambda v: v is not None and v > 0),
-    "seed_resize_from_h": ("resize seed from height (seed_resize_from_h)", lambda v: v is not None and v > 0),
-    "refiner_checkpoint": ("refiner (refiner_checkpoint)", lambda v: v not in (None, "", "None")),
-}
 
 # AUTOMATIC1111's fields that exist only in its API request, with their defaults there.
 API_FIELDS: dict[str, tuple[Any, Any, str]] = {
@@ -69,7 +50,8 @@ API_FIELDS: dict[str, tuple[Any, Any, str]] = {
                              "no_fixed_seeds, margin_size); otherwise ignored"),
     "alwayson_scripts": (dict, {}, "Not supported: must be empty"),
     "override_settings": (Optional[dict], None,
-                          "Honoured: sd_model_checkpoint, CLIP_stop_at_last_layers; other keys are ignored"),
+                          "Honoured: sd_model_checkpoint, CLIP_stop_at_last_layers, s_min_uncond, eta_ddim, "
+                          "eta_ancestral; other keys are ignored"),
     "override_settings_restore_afterwards": (bool, True, "False keeps an overriding sd_model_checkpoint loaded"),
     "infotext": (Optional[str], None, "Infotext whose values fill the fields the request does not set"),
     "force_task_id": (Optional[str], None, "Ignored"),
@@ -83,27 +65,21 @@ API_FIELDS: dict[str, tuple[Any, Any, str]] = {
 }
 
 SAMPLER_NOT_FOUND = "Sampler not found"
-
-
-def _is_xyz(name: Any) -> bool:
-    """script_name of the X/Y/Z plot, in any case (AUTOMATIC1111's clients send "x/y/z plot")."""
-    return isinstance(name, str) and name.strip().lower() == XYZ_PLOT.lower()
 PREVIEW_MAX_SIDE = 1024
 
-# AUTOMATIC1111's schedule types (modules/sd_schedulers.py), served by /schedulers when the
-# sampler registry does not publish its own list.
-A1111_SCHEDULERS = [
-    ("automatic", "Automatic", [], None, False), ("uniform", "Uniform", [], None, True),
-    ("karras", "Karras", [], 7.0, False), ("exponential", "Exponential", [], None, False),
-    ("polyexponential", "Polyexponential", [], 1.0, False), ("sgm_uniform", "SGM Uniform", ["SGMUniform"], None, True),
-    ("kl_optimal", "KL Optimal", [], None, False), ("align_your_steps", "Align Your Steps", [], None, False),
-    ("simple", "Simple", [], None, True), ("normal", "Normal", [], None, True), ("ddim", "DDIM", [], None, True),
-    ("beta", "Beta", [], None, True),
-]
+
+def _not_a_bool(value: Any) -> Any:
+    """JSON `true` is not a number (pydantic would take it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
 
 
 def _pydantic_type(tp: Any) -> Any:
-    """The field's annotation if pydantic can validate it, else Any (the engine's validate checks it)."""
+    """The field's annotation if pydantic can validate it (numbers refusing booleans), else Any
+    (the job layer checks it)."""
+    if tp in (int, float):
+        return Annotated[tp, BeforeValidator(_not_a_bool)]
     try:
         TypeAdapter(tp)
         return tp
@@ -111,35 +87,36 @@ def _pydantic_type(tp: Any) -> Any:
         return Any
 
 
-def processing_fields() -> dict[str, dataclasses.Field]:
-    """StableDiffusionProcessingTxt2Img's fields that a request may set."""
-    return {f.name: f for f in dataclasses.fields(StableDiffusionProcessingTxt2Img)
-            if f.init and not f.name.startswith("_") and f.name not in NOT_FROM_API}
-
-
-def build_txt2img_request_model() -> type[BaseModel]:
-    """The txt2img request: every processing field (optional, its dataclass default), plus API_FIELDS.
+def build_request_model(kind: str, name: str) -> type[BaseModel]:
+    """A job kind's request: every processing field (optional, its dataclass default), plus API_FIELDS.
 
     Unknown fields are allowed (AUTOMATIC1111's clients send many); `null` means "the default".
     """
-    hints = typing.get_type_hints(StableDiffusionProcessingTxt2Img)
+    hints = jobs.field_types(kind)
     fields: dict[str, Any] = {}
-    for name, f in processing_fields().items():
-        tp = Optional[_pydantic_type(hints.get(name, Any))]
-        if name in ("width", "height"):
-            fields[name] = (tp, Field(default=None, description="Default: the model's training size (512 for SD 1.x)"))
-        elif name == "sampler_name":
-            fields[name] = (tp, Field(default=None, description="Sampler name or alias; see /sdapi/v1/samplers"))
+    for fname, f in jobs.request_fields(kind).items():
+        tp = Optional[_pydantic_type(hints.get(fname, Any))]
+        if fname in ("width", "height"):
+            fields[fname] = (tp, Field(default=None, description="Default: the model's training size (512 for SD 1.x)"))
+        elif fname == "sampler_name":
+            fields[fname] = (tp, Field(default=None, description="Sampler name or alias; see /sdapi/v1/samplers"))
         elif f.default is not dataclasses.MISSING:
-            fields[name] = (tp, Field(default=f.default))
+            fields[fname] = (tp, Field(default=f.default))
         elif f.default_factory is not dataclasses.MISSING:
-            fields[name] = (tp, Field(default_factory=f.default_factory))
+            fields[fname] = (tp, Field(default_factory=f.default_factory))
         else:
-            fields[name] = (tp, Field(default=None))
-    for name, (tp, default, description) in API_FIELDS.items():
-        if name not in fields:
-            fields[name] = (Optional[tp], Field(default=default, description=description))
-    return create_model("StableDiffusionProcessingTxt2Img", __config__=ConfigDict(extra="allow"), **fields)
+            fields[fname] = (tp, Field(default=None))
+    for fname, (tp, default, description) in API_FIELDS.items():
+        if fname not in fields:
+            fields[fname] = (Optional[_pydantic_type(tp)], Field(default=default, description=description))
+    return create_model(name, __config__=ConfigDict(extra="allow"), **fields)
+
+
+def request_dict(req: BaseModel) -> dict:
+    """What the client sent (its fields and unknown extras), without the model's defaults: the job layer's input."""
+    data = {k: getattr(req, k) for k in req.model_fields_set}
+    data.update(req.model_extra or {})
+    return data
 
 
 class TextToImageResponse(BaseModel):
@@ -204,12 +181,7 @@ class SDModelItem(BaseModel):
 
 def encode_pil_to_base64(image: Image.Image, infotext: str | None) -> str:
     """A PNG with the infotext in its `parameters` chunk, base64 (as AUTOMATIC1111's API sends it)."""
-    pnginfo = PngImagePlugin.PngInfo()
-    if infotext:
-        pnginfo.add_text("parameters", infotext)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=pnginfo)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(images_module.png_bytes(image, infotext)).decode("ascii")
 
 
 def decode_base64_to_image(text: str) -> Image.Image:
@@ -250,58 +222,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def schedulers_list() -> list[dict]:
-    """The registry's schedule types if it publishes them (modules.sd_schedulers or
-    sd_samplers.schedulers), else AUTOMATIC1111's list."""
-    source = None
-    try:
-        from modules import sd_schedulers  # type: ignore[attr-defined]
-
-        source = getattr(sd_schedulers, "schedulers", None)
-    except ImportError:
-        pass
-    if source is None:
-        source = getattr(sd_samplers, "schedulers", None) or getattr(sd_samplers, "all_schedulers", None)
-    if source:
-        out = []
-        for s in source:
-            if isinstance(s, str):
-                out.append({"name": s.lower().replace(" ", "_"), "label": s, "aliases": [], "default_rho": None,
-                            "need_inner_model": None})
-            else:
-                out.append({"name": getattr(s, "name", str(s)), "label": getattr(s, "label", getattr(s, "name", "")),
-                            "aliases": list(getattr(s, "aliases", None) or []),
-                            "default_rho": getattr(s, "default_rho", None),
-                            "need_inner_model": getattr(s, "need_inner_model", None)})
-        return out
-    return [{"name": n, "label": label, "aliases": a, "default_rho": rho, "need_inner_model": inner}
-            for n, label, a, rho, inner in A1111_SCHEDULERS]
-
-
-def resolve_sampler(name: str, scheduler: str | None) -> tuple[str, str | None]:
-    """A sampler name (or legacy `DPM++ 2M Karras`) and schedule type -> the registry's (name, schedule label).
-
-    Uses the registry's `get_sampler_and_scheduler` (AUTOMATIC1111's name for it) where it has
-    one; raises SamplerNotFound (404) for an unknown sampler, InvalidParameter (422) for an
-    unknown schedule type. Checked here so that a bad request fails before it queues.
-    """
-    helper = getattr(sd_samplers, "get_sampler_and_scheduler", None)
-    if helper is not None:
-        data, sched = helper(name, scheduler)
-        return (getattr(data, "name", data),
-                getattr(sched, "label", sched) if sched is not None else None)
-    data = sd_samplers.find_sampler_config(name)
-    if data is None:
-        raise SamplerNotFound(SAMPLER_NOT_FOUND, field="sampler_name")
-    return data.name, scheduler
-
-
-def default_sampler() -> str:
-    """AUTOMATIC1111's API default ("Euler") where the registry has it, else the registry's first."""
-    data = sd_samplers.find_sampler_config("Euler")
-    return data.name if data is not None else sd_samplers.all_samplers[0].name
-
-
 class Api:
     """The /sdapi/v1 routes on a FastAPI app, for one WebUIContext."""
 
@@ -309,7 +229,7 @@ class Api:
                  log: bool = False):
         self.app, self.ctx = app, ctx
         self.credentials = {u: p for u, p in (auth or [])}
-        self.Txt2ImgRequest = build_txt2img_request_model()
+        self.Txt2ImgRequest = build_request_model("txt2img", "StableDiffusionProcessingTxt2Img")
         dependencies = [Depends(self.auth)] if self.credentials else []
         router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies, tags=["sdapi"])
         Txt2Img = self.Txt2ImgRequest
@@ -359,124 +279,35 @@ class Api:
                             headers={"WWW-Authenticate": "Basic"})
 
     # -- txt2img -----------------------------------------------------------------------------
-    def make_processing(self, req: BaseModel) -> tuple[StableDiffusionProcessingTxt2Img, Any, bool]:
-        """Request -> (processing parameters, checkpoint to run on or None, keep it loaded)."""
-        sent = {k for k in req.model_fields_set if getattr(req, k, None) is not None}
-        data = req.model_dump()
-        extra = req.model_extra or {}
-        for name, (feature, is_on) in UNIMPLEMENTED.items():
-            value = data.get(name, extra.get(name))
-            try:
-                on = is_on(value)
-            except TypeError:
-                on = True
-            if on:
-                raise InvalidParameter(f"{feature} is not supported by this server", field=name)
-
-        fields = processing_fields()
-        values = {name: data[name] for name in fields if name in sent}
-        if data.get("infotext"):  # values from an infotext fill what the request left out
-            parsed = images_module.infotext_to_fields(images_module.parse_generation_parameters(data["infotext"]))
-            for name, value in parsed.items():
-                if name in fields and name not in values and name != "sampler_name":
-                    values[name] = value
-            if "sampler_name" in parsed and "sampler_name" not in sent and "sampler_index" not in sent:
-                values["sampler_name"] = parsed["sampler_name"]
-
-        overrides = data.get("override_settings") or {}
-        if "clip_skip" in fields and "clip_skip" not in values:
-            clip = overrides.get("CLIP_stop_at_last_layers", self.ctx.options.get("CLIP_stop_at_last_layers"))
-            if clip is not None:
-                values["clip_skip"] = clip
-        checkpoint = None
-        name = overrides.get("sd_model_checkpoint")
-        if name is not None:
-            if not isinstance(name, str):
-                raise InvalidParameter("override_settings.sd_model_checkpoint must be a checkpoint title",
-                                       field="sd_model_checkpoint")
-            checkpoint = self.ctx.find_checkpoint(name)
-
-        sampler = values.get("sampler_name") or (data.get("sampler_index") if "sampler_index" in sent else None) \
-            or default_sampler()
-        if not isinstance(sampler, str):
-            raise InvalidParameter("sampler_name must be text", field="sampler_name")
-        scheduler = values.get("scheduler", data.get("scheduler"))
-        sampler, scheduler = resolve_sampler(sampler, scheduler)
-        values["sampler_name"] = sampler
-        if "scheduler" in fields and scheduler is not None:
-            values["scheduler"] = scheduler
-
-        model = self.ctx.model
-        size = model.default_size if model is not None else 512
-        values.setdefault("width", size)
-        values.setdefault("height", size)
-        for key in ("seed", "subseed"):
-            v = values.get(key)
-            if isinstance(v, int) and not -(2 ** 63) <= v < 2 ** 63 - 10_000:
-                raise InvalidParameter(f"{key} is out of range", field=key)
-        save = bool(data.get("save_images"))
-        p = StableDiffusionProcessingTxt2Img(**values, do_not_save_samples=not save,
-                                             outpath_samples=str(self.ctx.args.outdir_samples))
-        return p, checkpoint, not data.get("override_settings_restore_afterwards", True)
+    def job(self, kind: str, req: BaseModel) -> jobs.Job:
+        """The request as a job of the one job layer (checked before it queues)."""
+        return jobs.make_job(kind, request_dict(req), self.ctx)
 
     def text2imgapi(self, req: BaseModel) -> dict:
-        p, checkpoint, keep = self.make_processing(req)
-        run = self.xyz_run(req, p)
-        processed = self.ctx.txt2img(p, JobState(), checkpoint=checkpoint, keep_checkpoint=keep, run=run)
-        send = req.model_dump().get("send_images", True)
+        job = self.job("txt2img", req)
+        processed = jobs.run_job(self.ctx, job, JobState())
         images = [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)] \
-            if send is not False else []
-        return {"images": images, "parameters": _jsonable_dict(req.model_dump()), "info": json.dumps(processed.js())}
+            if job.send_images else []
+        return {"images": images, "parameters": _jsonable(req.model_dump()), "info": json.dumps(processed.js())}
 
     def text2img_compare_api(self, req: BaseModel) -> dict:
         """The job, then the same seeds and settings with the negative prompt empty (or another guidance rule)."""
         from webui import compare
 
-        data = req.model_dump()
-        if data.get("script_name") not in (None, "", "None"):
-            raise InvalidParameter("scripts (script_name) are not supported by txt2img-compare", field="script_name")
-        mode = compare.resolve_mode(data.get("compare_with"))
-        p, checkpoint, keep = self.make_processing(req)
-        p = compare.fix_seeds(p)  # a random seed is drawn once, for both runs
-        other_p = compare.variant(p, mode)
-        other_p.do_not_save_samples = True
-        processed = self.ctx.txt2img(p, JobState(), checkpoint=checkpoint, keep_checkpoint=keep)
-        other = self.ctx.txt2img(other_p, JobState(), checkpoint=checkpoint, keep_checkpoint=keep)
+        first, second = jobs.compare_jobs(self.job("txt2img", req), req.model_dump().get("compare_with"))
+        processed = jobs.run_job(self.ctx, first, JobState())
+        other = jobs.run_job(self.ctx, second, JobState())
         pairs = list(zip(processed.images, other.images))
         return {
-            "compare_with": mode,
+            "compare_with": compare.resolve_mode(req.model_dump().get("compare_with")),
             "images": [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)],
             "images_compare": [encode_pil_to_base64(im, text) for im, text in zip(other.images, other.infotexts)],
             "differences": [encode_pil_to_base64(compare.difference(a, b), None) for a, b in pairs],
             "mean_differences": [compare.mean_difference(a, b) for a, b in pairs],
-            "parameters": _jsonable_dict(req.model_dump()),
+            "parameters": _jsonable(req.model_dump()),
             "info": json.dumps(processed.js()),
             "info_compare": json.dumps(other.js()),
         }
-
-    def xyz_run(self, req: BaseModel, p: StableDiffusionProcessingTxt2Img):
-        """For `script_name: "x/y/z plot"`: the job that runs all its cells in one turn of the queue, else None.
-
-        The arguments are checked here (unknown name, axis type or unreadable value: 422) before
-        the request queues; each cell's values are checked against the model before any cell runs.
-        """
-        data = req.model_dump()
-        if not _is_xyz(data.get("script_name")):
-            return None
-        raw = data.get("script_args")
-        if raw in (None, []):
-            raw = {}
-        if not isinstance(raw, dict):
-            raise InvalidParameter("script_args of the X/Y/Z plot must be an object of named arguments "
-                                   "(x_type, x_values, y_type, y_values, ...)", field="script_args")
-        args = xyz_grid.XYZArgs.from_dict(raw)
-        xyz_grid.resolve_axes(args)
-        save_grid = not p.do_not_save_samples and not data.get("do_not_save_grid")
-
-        def run(model, job, hooks=(), state=None):
-            return xyz_grid.run_xyz(model, job, args, hooks, state, save_grid=save_grid)
-
-        return run
 
     # -- progress, interrupt, skip -------------------------------------------------------------
     async def progressapi(self, skip_current_image: bool = False) -> dict:
@@ -545,7 +376,8 @@ class Api:
                 for s in sd_samplers.all_samplers]
 
     def get_schedulers(self) -> list[dict]:
-        return schedulers_list()
+        return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None, "default_rho": s.default_rho,
+                 "need_inner_model": s.need_inner_model} for s in sd_samplers.all_schedulers]
 
     def get_sd_models(self) -> list[dict]:
         return [{"title": c.title, "model_name": c.model_name, "hash": c.shorthash, "sha256": c.sha256,
@@ -575,10 +407,6 @@ class Api:
 
     def get_sd_vaes(self) -> list:
         return []
-
-
-def _jsonable_dict(d: dict) -> dict:
-    return _jsonable(d)
 
 
 def _state_dict(state: JobState | None, idle: bool = False) -> dict:

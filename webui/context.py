@@ -13,7 +13,7 @@ from pathlib import Path
 from modules import processing, sd_models
 from modules.errors import InvalidParameter
 from modules.job_state import JobState
-from modules.processing import Processed, StableDiffusionProcessingTxt2Img
+from modules.processing import Processed
 from modules.sd_samplers_common import AfterSampleHook
 
 # Options of AUTOMATIC1111's settings that this server knows, with their defaults. Only these
@@ -138,26 +138,30 @@ class WebUIContext:
             self.options["samples_save"] = values["samples_save"]
 
     # -- jobs --------------------------------------------------------------------------------
-    def txt2img(self, p: StableDiffusionProcessingTxt2Img, state: JobState | None = None,
-                hooks: list[AfterSampleHook] = (), checkpoint: sd_models.CheckpointInfo | None = None,
-                keep_checkpoint: bool = False, run=None) -> Processed:
-        """Wait for the queue, then run the job; `state` may be interrupted while it waits.
+    def outdir(self, kind: str) -> Path:
+        """Where images of a job kind are saved (the options' outdir_*, else --outdir-samples)."""
+        from webui import jobs
 
-        `checkpoint` runs this job on another model (AUTOMATIC1111's override_settings
-        `sd_model_checkpoint`); it becomes the current model only with `keep_checkpoint`.
-        `run(model, p, hooks=, state=)` replaces process_images for a job of many runs (a script
-        such as the X/Y/Z plot), which then holds the queue for all of them.
+        return jobs.outdir(self.args, self.options, kind)
+
+    def run(self, job, state: JobState, hooks: list[AfterSampleHook] = ()) -> Processed:
+        """The in-process queue back-end: wait for the queue, then run the job (webui/jobs.py's Job).
+
+        `state` may be interrupted while the job waits: it then never starts. A job naming a
+        checkpoint runs on it (AUTOMATIC1111's override_settings `sd_model_checkpoint`); it
+        becomes the current model only with `job.keep_checkpoint`. A script (the X/Y/Z plot)
+        holds the queue for all of its runs.
         """
-        state = state or JobState()
         with self.queue_lock:
             model = self.model
-            if checkpoint is not None and not self.is_current(checkpoint):
-                if keep_checkpoint:
-                    model = self._switch(Path(checkpoint.path))
+            if job.checkpoint is not None and not self.is_current(job.checkpoint):
+                if job.keep_checkpoint:
+                    model = self._switch(Path(job.checkpoint.path))
                 else:
-                    model = sd_models.load_model(checkpoint.path, **self.load_kwargs())
+                    model = sd_models.load_model(job.checkpoint.path, **self.load_kwargs())
             self.current_state, self.current_model = state, model
             try:
-                return (run or processing.process_images)(model, p, hooks=hooks, state=state)
+                run = job.script.run if job.script is not None else processing.process_images
+                return run(model, job.p, hooks=hooks, state=state)
             finally:
                 self.current_state = self.current_model = None

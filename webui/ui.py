@@ -28,14 +28,11 @@ from modules.errors import UserError
 from modules.job_state import JobState
 from modules.processing import StableDiffusionProcessingTxt2Img
 from modules.scripts import XYZ_PLOT, xyz_grid
-from webui import compare, inspector, previews
+from webui import compare, inspector, jobs, previews
 from webui.context import WebUIContext
 
 log = logging.getLogger(__name__)
 
-P_FIELDS = {f.name for f in dataclasses.fields(StableDiffusionProcessingTxt2Img)}
-INT_FIELDS = {f.name for f in dataclasses.fields(StableDiffusionProcessingTxt2Img) if f.type in ("int", int)}
-FLOAT_FIELDS = {f.name for f in dataclasses.fields(StableDiffusionProcessingTxt2Img) if f.type in ("float", float)}
 UPDATE_INTERVAL = 0.25  # seconds between streamed updates while a job runs
 CLEANUP_DELAY = 30.0  # seconds between a session's end and the deletion of its files
 
@@ -153,71 +150,11 @@ def infotext_html(info: str) -> str:
     return '<div class="sdneg-infotext">' + html.escape(info) + "</div>"
 
 
-def to_number(name: str, value: Any) -> Any:
-    """Gradio numbers arrive as floats (or None when a box is emptied); the engine wants ints where
-    AUTOMATIC1111 has ints, and says what is wrong otherwise."""
-    if name in INT_FIELDS:
-        if value is None or value == "":
-            raise UserError(f"{name} is empty", field=name)
-        if float(value) != int(float(value)):
-            raise UserError(f"{name} must be a whole number, got {value}", field=name)
-        return int(float(value))
-    if name in FLOAT_FIELDS and value is not None:
-        return float(value)
-    return value
-
-
-def build_processing(values: dict[str, Any], outdir: str) -> StableDiffusionProcessingTxt2Img:
-    """The job's parameters from the page's inputs, keyed by StableDiffusionProcessingTxt2Img field names.
-
-    Inputs whose name is not (yet) a field of the processing object are ignored, so a
-    control can be added to the page before the engine knows it; `name[i]` inputs are the
-    elements of a tuple field (two sliders for `guidance_interval`, say).
-    """
-    kwargs: dict[str, Any] = {}
-    parts: dict[str, dict[int, Any]] = {}
-    for name, value in values.items():
-        m = re.fullmatch(r"(\w+)\[(\d+)\]", name)  # "guidance_interval[0]": one element of a tuple field
-        if m and m.group(1) in P_FIELDS:
-            parts.setdefault(m.group(1), {})[int(m.group(2))] = None if value is None else float(value)
-        elif name in P_FIELDS:
-            kwargs[name] = to_number(name, value)
-    for name, items in parts.items():
-        kwargs[name] = tuple(items[i] for i in sorted(items))
-    return StableDiffusionProcessingTxt2Img(**kwargs, outpath_samples=outdir)
-
-
-XYZ_INPUTS = ("x_type", "x_values", "y_type", "y_values", "z_type", "z_values", "draw_legend",
-              "include_lone_images", "include_sub_grids", "no_fixed_seeds", "margin_size")
-
-
-def script_run(values: dict[str, Any], p: StableDiffusionProcessingTxt2Img):
-    """The page's Script choice -> the job that runs it in one turn of the queue (None: a plain txt2img).
-
-    The X/Y/Z controls are inputs named `xyz_<argument>`; their values are checked here, so a bad
-    axis value is reported before the job queues.
-    """
-    if values.get("script_name") != XYZ_PLOT:
-        return None
-    args = xyz_grid.XYZArgs.from_dict({name: values[f"xyz_{name}"] for name in XYZ_INPUTS
-                                       if f"xyz_{name}" in values})
-    args.margin_size = int(args.margin_size or 0)
-    xs, ys, zs = xyz_grid.resolve_axes(args)
-    save = not p.do_not_save_samples
-
-    def run(model, job, hooks=(), state=None):
-        return xyz_grid.run_xyz(model, job, args, hooks, state, save_grid=save)
-
-    run.cells = len(xs.values) * len(ys.values) * len(zs.values)
-    return run
-
-
-def save_with_info(image: Image.Image, path: Path, info: str) -> Path:
-    pnginfo = PngImagePlugin.PngInfo()
-    if info:
-        pnginfo.add_text("parameters", info)
-    image.save(path, format="PNG", pnginfo=pnginfo)
-    return path
+def page_job(ctx: WebUIContext, values: dict[str, Any], kind: str = "txt2img") -> jobs.Job:
+    """The page's inputs -> the job, through the same job layer as the API."""
+    if ctx.model is None:
+        raise UserError("No model is loaded: pick a checkpoint")
+    return jobs.make_job(kind, jobs.page_request(values, ctx.options), ctx)
 
 
 def current_title(ctx: WebUIContext) -> str:
@@ -255,7 +192,7 @@ pass on odd steps once the noise level falls below this sigma (faster)."""
 
 
 def create_ui(ctx: WebUIContext) -> gr.Blocks:
-    jobs = SessionJobs()
+    sessions = SessionJobs()
     inspections = inspector.SessionInspections()  # each session's last job, for the trajectory inspector
     # A job's files (step previews, results, animation) go straight into Gradio's cache folder,
     # which Gradio serves as is: streaming the gallery then costs no hashing or copying.
@@ -324,7 +261,7 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                             with gr.Row():
                                 fields["cfg_rescale"] = gr.Slider(0, 1, value=0, step=0.05, label="CFG rescale",
                                                                   elem_id="txt2img_cfg_rescale")
-                                fields["s_min_uncond"] = gr.Slider(0, 15, value=0, step=0.1,
+                                fields["s_min_uncond"] = gr.Slider(0, 15, value=lambda: ctx.options.get("s_min_uncond") or 0, step=0.1,
                                                                    label="Negative Guidance minimum sigma (NGMS)",
                                                                    elem_id="txt2img_s_min_uncond")
                     with gr.Column(scale=1, min_width=160):
@@ -456,27 +393,22 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
             subject, method, *values = args
             values = dict(zip(field_names, values))
             try:
-                if ctx.model is None:
-                    raise UserError("No model is loaded: pick a checkpoint")
-                p = build_processing(values, outdir)
-                p.do_not_save_samples = not getattr(ctx, "options", {}).get("samples_save", True)
-                xyz_run = script_run(values, p)  # the X/Y/Z plot, if the Script dropdown says so
+                job = page_job(ctx, values)
+                p = job.p
                 collector = previews.PreviewCollector(lambda: getattr(ctx, "current_model", None) or ctx.model, subject, method, (p.width, p.height),
-                                                      batch_count=p.n_iter)
-                recorder = inspector.TrajectoryRecorder(p.n_iter * (xyz_run.cells if xyz_run is not None else 1),
+                                                      batch_count=job.runs)
+                recorder = inspector.TrajectoryRecorder(job.runs,
                                                         model=lambda: getattr(ctx, "current_model", None) or ctx.model)
                 inspected = collector.inspected = inspector.InspectedJob(  # the trajectory, for the inspector
                     p, recorder, lambda: recorder.model or ctx.model,
-                    script=values.get("script_name") if values.get("script_name") not in (None, "", "None") else None)
-                if xyz_run is not None:  # previews are captioned `batch k/n` over all the plot's cells
-                    collector.batch_count = p.n_iter * xyz_run.cells
+                    script=job.script.name if job.script is not None else None)
             except (UserError, ValueError) as e:
                 yield {progress: progress_html(str(e), error=True)}
                 raise gr.Error(str(e))
             key = session_key(request)
             state = JobState()
             job_dir = work_root / uuid.uuid4().hex
-            if not jobs.start(key, state, job_dir):
+            if not sessions.start(key, state, job_dir):
                 message = "Your previous job is still running: wait for it or interrupt it"
                 gr.Warning(message)
                 return
@@ -486,9 +418,8 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
 
             def work():
                 try:
-                    result["processed"] = inspected.processed = ctx.txt2img(p, state,
-                                                                            hooks=[collector, inspected.recorder],
-                                                                            run=xyz_run)
+                    result["processed"] = inspected.processed = jobs.run_job(
+                        ctx, job, state, hooks=[collector, inspected.recorder])
                 except BaseException as e:  # reported on the page below
                     result["error"] = e
 
@@ -510,7 +441,7 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
             finally:
                 if worker.is_alive():  # the page went away or broke: stop the job rather than sample for nobody
                     state.interrupt()
-                jobs.finish(key, state)
+                sessions.finish(key, state)
             if isinstance(error, UserError):
                 message = str(error)
             else:
@@ -542,7 +473,7 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
 
         def finish(processed, p, state, collector, job_dir, items, started) -> dict:
             """The last update: results (PNG files with their infotext), animation, status."""
-            outputs = [str(save_with_info(im, job_dir / f"{i:05}-{processed.all_seeds[i]}.png", text))
+            outputs = [str(images_module.write_png(job_dir / f"{i:05}-{processed.all_seeds[i]}.png", im, text))
                        for i, (im, text) in enumerate(zip(processed.images, processed.infotexts))]
             animation = previews.save_animation(collector.frames(), job_dir / f"trajectory-{processed.seed}.gif")
             elapsed = time.time() - started
@@ -638,20 +569,20 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                 raise gr.Error(str(e))
             label = compare.label_for(mode)
             key, state = session_key(request), JobState()
-            if not jobs.start(key, state):  # one job per session; Interrupt stops this one too
+            if not sessions.start(key, state):  # one job per session; Interrupt stops this one too
                 message = "Your previous job is still running: wait for it or interrupt it"
                 yield {compare_info: f'<div class="sdneg-error">{html.escape(message)}</div>'}
                 raise gr.Error(message)
             try:
                 yield {compare_gallery: [], compare_info: progress_html(f"Rerunning {label}…"),
                        compare_button: gr.update(interactive=False)}
-                other = ctx.txt2img(other_p, state)
+                other = jobs.run_job(ctx, jobs.Job("txt2img", other_p), state)
             except UserError as e:
                 yield {compare_info: f'<div class="sdneg-error">{html.escape(str(e))}</div>',
                        compare_button: gr.update(interactive=True)}
                 raise gr.Error(str(e))
             finally:
-                jobs.finish(key, state)
+                sessions.finish(key, state)
             items, means = [], []
             for i, (a, b) in enumerate(zip(processed.images, other.images)):
                 seed = processed.all_seeds[i]
@@ -678,12 +609,12 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                 inspector_latest, [preview_method], [inspector_step, *inspector_outputs], show_progress="hidden")
 
         def interrupt(request: gr.Request):
-            jobs.interrupt(session_key(request))
+            sessions.interrupt(session_key(request))
 
         interrupt_button.click(interrupt, None, None, queue=False, show_progress="hidden")
 
         def session_ended(request: gr.Request):
-            jobs.close(session_key(request))
+            sessions.close(session_key(request))
             inspections.close(session_key(request))
 
         demo.unload(session_ended)
@@ -774,4 +705,5 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
             return updates
 
         send_to_txt2img.click(send_parameters, png_parameters, [tabs, *field_components])
+    demo.sdneg_fields = dict(fields)  # the job's controls by field name (tests check the page makes the API's job)
     return demo

@@ -1,0 +1,328 @@
+"""The one job layer: request fields (from the page or the API's JSON) + the options -> a Job, run on the queue.
+
+The page and the API describe a job the same way, as a dict keyed by AUTOMATIC1111's JSON
+field names (the page maps its controls onto those names in `page_request`). `make_job` is
+the only code that turns such a dict into a job: it refuses features that are turned on but
+not implemented, fills what the request left out from an infotext and from the options
+(`override_settings` first, then the server's), resolves the sampler, checks every value's
+type and range, and builds the processing object and its script. Everything a client can
+get wrong is refused here, before the job enters the queue. `run_job` hands the job to the
+queue back-end (`WebUIContext.run`), which runs one job at a time on the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from modules import images as images_module
+from modules import processing, sd_samplers
+from modules.errors import InvalidParameter
+from modules.job_state import JobState
+from modules.processing import Processed, StableDiffusionProcessing, StableDiffusionProcessingTxt2Img
+from modules.scripts import XYZ_PLOT, xyz_grid
+from modules.sd_samplers_common import AfterSampleHook
+
+PROCESSING_CLASSES: dict[str, type[StableDiffusionProcessing]] = {"txt2img": StableDiffusionProcessingTxt2Img}
+
+# Processing fields a request may not set: where files are written is the server's business.
+NOT_FROM_REQUEST = {"outpath_samples", "do_not_save_samples"}
+
+# AUTOMATIC1111's request fields for features this engine does not have. Each is accepted
+# while its value means "off"; anything else is a 422 naming the feature. A field that the
+# processing class has (the feature exists) is never looked up here.
+UNIMPLEMENTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "enable_hr": ("hires fix (enable_hr)", bool),
+    "restore_faces": ("face restoration (restore_faces)", bool),
+    "tiling": ("tiling", bool),
+    "alwayson_scripts": ("always-on scripts (alwayson_scripts)", bool),
+    "seed_resize_from_w": ("resize seed from width (seed_resize_from_w)", lambda v: v is not None and v > 0),
+    "seed_resize_from_h": ("resize seed from height (seed_resize_from_h)", lambda v: v is not None and v > 0),
+    "refiner_checkpoint": ("refiner (refiner_checkpoint)", lambda v: v not in (None, "", "None")),
+}
+
+# Options that fill a processing field the request left out (AUTOMATIC1111 reads them from `opts`).
+FIELDS_FROM_OPTIONS = {"clip_skip": "CLIP_stop_at_last_layers", "s_min_uncond": "s_min_uncond"}
+# A sampler's `eta` when the request leaves it out: the option for its kind of sampler.
+ETA_OPTIONS = {"Eta DDIM": ("eta_ddim", 0.0), "Eta": ("eta_ancestral", 1.0)}
+
+
+@dataclass
+class ScriptRun:
+    """A script that runs the job as many runs (the X/Y/Z plot), holding the queue for all of them."""
+
+    name: str
+    run: Callable[..., Processed]  # (model, p, hooks=, state=) -> Processed
+    runs: int = 1  # how many runs of p it makes (previews are captioned over all of them)
+
+
+@dataclass
+class Job:
+    """Everything the queue needs to run one request, and what the response needs besides the images."""
+
+    kind: str
+    p: StableDiffusionProcessing
+    script: ScriptRun | None = None
+    checkpoint: Any = None  # sd_models.CheckpointInfo to run on, or None: the loaded model
+    keep_checkpoint: bool = False  # the checkpoint stays loaded afterwards (override_settings_restore_afterwards)
+    send_images: bool = True
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def runs(self) -> int:
+        return self.p.n_iter * (self.script.runs if self.script else 1)
+
+
+def request_fields(kind: str) -> dict[str, dataclasses.Field]:
+    """The processing fields of a job kind that a request may set (they are also the API's JSON fields)."""
+    cls = PROCESSING_CLASSES[kind]
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in NOT_FROM_REQUEST}
+
+
+def field_types(kind: str) -> dict[str, Any]:
+    return typing.get_type_hints(PROCESSING_CLASSES[kind])
+
+
+# -- values -------------------------------------------------------------------------------------
+
+def _number(name: str, value: Any, whole: bool) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameter(f"{name} must be a {'whole ' if whole else ''}number, got {value!r}", field=name)
+    if not math.isfinite(value):
+        raise InvalidParameter(f"{name} must be a finite number, got {value!r}", field=name)
+    if whole:
+        if not float(value).is_integer():
+            raise InvalidParameter(f"{name} must be a whole number, got {value!r}", field=name)
+        return int(value)
+    return float(value)
+
+
+def coerce(name: str, value: Any, tp: Any) -> Any:
+    """A request value checked against its field's type: `true` is not a number, `20.0` is 20."""
+    args = typing.get_args(tp)
+    if type(None) in args:  # Optional[X]: None is a value
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(tp)
+    if tp is int:
+        return _number(name, value, whole=True)
+    if tp is float:
+        return _number(name, value, whole=False)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InvalidParameter(f"{name} must be true or false, got {value!r}", field=name)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise InvalidParameter(f"{name} must be text, got {type(value).__name__}", field=name)
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(tp)):
+            raise InvalidParameter(f"{name} must be a list of {len(typing.get_args(tp))} numbers", field=name)
+        return tuple(coerce(name, v, t) for v, t in zip(value, typing.get_args(tp)))
+    if origin is list and typing.get_args(tp) == (str,):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise InvalidParameter(f"{name} must be a list of texts", field=name)
+        return list(value)
+    return value
+
+
+def refuse_unimplemented(request: dict, fields: dict) -> None:
+    for name, (feature, is_on) in UNIMPLEMENTED.items():
+        if name in fields or name not in request:
+            continue
+        try:
+            on = is_on(request[name])
+        except TypeError:
+            on = True
+        if on:
+            raise InvalidParameter(f"{feature} is not supported by this server", field=name)
+
+
+def values_from_infotext(text: Any, fields: dict, sent: set[str]) -> dict:
+    """AUTOMATIC1111's `infotext` request field: its values fill the fields the request did not set."""
+    if not isinstance(text, str):
+        raise InvalidParameter("infotext must be text", field="infotext")
+    parsed = images_module.infotext_to_fields(images_module.parse_generation_parameters(text))
+    if "sampler_index" in sent:
+        parsed.pop("sampler_name", None)
+    return {k: v for k, v in parsed.items() if k in fields and k not in sent}
+
+
+def resolve_sampler(name: Any, scheduler: Any) -> tuple[str, str | None]:
+    """A sampler name (or legacy `DPM++ 2M Karras`) and schedule type -> the registry's (name, schedule label)."""
+    if not isinstance(name, str):
+        raise InvalidParameter("sampler_name must be text", field="sampler_name")
+    if scheduler is not None and not isinstance(scheduler, str):
+        raise InvalidParameter("scheduler must be text", field="scheduler")
+    data, sched = sd_samplers.get_sampler_and_scheduler(name, scheduler)
+    return data.name, sched.label
+
+
+def default_sampler(kind_default: str | None = None) -> str:
+    """AUTOMATIC1111's API default, "Euler"."""
+    return kind_default or "Euler"
+
+
+def eta_from_options(sampler: str, options: dict) -> float | None:
+    """The option-given eta of a sampler that takes one, or None where it is the option's default."""
+    key = sd_samplers.ETA.get(sampler, (None,))[0]
+    option, default = ETA_OPTIONS.get(key, (None, None))
+    value = options.get(option) if option else None
+    return None if value is None or value == default else value
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler") -> Job:
+    """The job a request describes, checked before it queues (raises UserError: 4xx, nothing changed).
+
+    `request` holds only what the client set (JSON field names); `ctx` gives the options,
+    the loaded model (default size, validation) and the checkpoint list.
+    """
+    if kind not in PROCESSING_CLASSES:
+        raise InvalidParameter(f"unknown job kind {kind!r}", field="kind")
+    fields, types = request_fields(kind), field_types(kind)
+    refuse_unimplemented(request, fields)
+    sent = {k for k, v in request.items() if v is not None}
+    values = {k: request[k] for k in fields if k in sent}
+    if request.get("infotext"):
+        values.update(values_from_infotext(request["infotext"], fields, sent))
+
+    overrides = request.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise InvalidParameter("override_settings must be an object of option: value", field="override_settings")
+    options = {**ctx.options, **overrides}
+    for name, option in FIELDS_FROM_OPTIONS.items():
+        if name in fields and name not in values and options.get(option) is not None:
+            values[name] = options[option]
+
+    checkpoint = None
+    if overrides.get("sd_model_checkpoint") is not None:
+        name = overrides["sd_model_checkpoint"]
+        if not isinstance(name, str):
+            raise InvalidParameter("override_settings.sd_model_checkpoint must be a checkpoint title",
+                                   field="sd_model_checkpoint")
+        checkpoint = ctx.find_checkpoint(name)
+
+    sampler = values.get("sampler_name") or request.get("sampler_index") or default_sampler_name
+    values["sampler_name"], values["scheduler"] = resolve_sampler(sampler, values.get("scheduler"))
+    if "eta" in fields and "eta" not in values:
+        values["eta"] = eta_from_options(values["sampler_name"], options)
+    size = ctx.model.default_size if ctx.model is not None else 512
+    values.setdefault("width", size)
+    values.setdefault("height", size)
+    values = {k: coerce(k, v, types.get(k, Any)) for k, v in values.items()}
+    for key in ("seed", "subseed"):
+        if key in values and not -(2 ** 63) <= values[key] < 2 ** 63 - 10_000:
+            raise InvalidParameter(f"{key} is out of range", field=key)
+
+    save = request.get("save_images", False)
+    if not isinstance(save, bool):
+        raise InvalidParameter("save_images must be true or false", field="save_images")
+    send = request.get("send_images", True)
+    p = PROCESSING_CLASSES[kind](**values, do_not_save_samples=not save,
+                                 outpath_samples=str(ctx.outdir(kind)))
+    script = make_script(request, p)
+    if ctx.model is not None:
+        processing.validate(p, ctx.model)
+    keep = request.get("override_settings_restore_afterwards", True) is False
+    return Job(kind, p, script, checkpoint, keep, send_images=send is not False)
+
+
+def is_xyz(name: Any) -> bool:
+    """script_name of the X/Y/Z plot, in any case (AUTOMATIC1111's clients send "x/y/z plot")."""
+    return isinstance(name, str) and name.strip().lower() == XYZ_PLOT.lower()
+
+
+def make_script(request: dict, p: StableDiffusionProcessing) -> ScriptRun | None:
+    """`script_name` + `script_args` -> the script run (its arguments checked now), or None for a plain job."""
+    name = request.get("script_name")
+    if name in (None, "", "None"):
+        return None
+    if not is_xyz(name):
+        raise InvalidParameter(f"script {name!r} is not supported by this server (available: {XYZ_PLOT.lower()})",
+                               field="script_name")
+    raw = request.get("script_args")
+    if raw in (None, []):
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InvalidParameter("script_args of the X/Y/Z plot must be an object of named arguments "
+                               "(x_type, x_values, y_type, y_values, ...)", field="script_args")
+    args = xyz_grid.XYZArgs.from_dict(raw)
+    xs, ys, zs = xyz_grid.resolve_axes(args)
+    save_grid = not p.do_not_save_samples and not request.get("do_not_save_grid")
+
+    def run(model, job, hooks=(), state=None):
+        return xyz_grid.run_xyz(model, job, args, hooks, state, save_grid=save_grid)
+
+    return ScriptRun(XYZ_PLOT, run, len(xs.values) * len(ys.values) * len(zs.values))
+
+
+def compare_jobs(job: Job, compare_with: Any) -> tuple[Job, Job]:
+    """The job with its random seeds fixed, and the same job changed by `compare_with` (webui/compare.py)."""
+    from webui import compare
+
+    if job.script is not None:
+        raise InvalidParameter("scripts (script_name) are not supported by Compare", field="script_name")
+    mode = compare.resolve_mode(compare_with)
+    first = dataclasses.replace(job, p=compare.fix_seeds(job.p))
+    other_p = compare.variant(first.p, mode)
+    other_p.do_not_save_samples = True
+    return first, dataclasses.replace(job, p=other_p)
+
+
+def run_job(ctx, job: Job, state: JobState | None = None, hooks: list[AfterSampleHook] = ()) -> Processed:
+    """Run the job on the queue back-end (waits for its turn; `state` may be interrupted meanwhile)."""
+    return ctx.run(job, state or JobState(), list(hooks))
+
+
+# -- the page's inputs -------------------------------------------------------------------------
+
+XYZ_ARGUMENTS = ("x_type", "x_values", "y_type", "y_values", "z_type", "z_values", "draw_legend",
+                 "include_lone_images", "include_sub_grids", "no_fixed_seeds", "margin_size")
+
+
+def page_request(values: dict[str, Any], options: dict) -> dict:
+    """The page's inputs (keyed by field name, `name[i]` for one element of a tuple field, `xyz_<arg>`
+    for the X/Y/Z controls) -> the same request dict the API's JSON gives.
+
+    Gradio's number controls give floats (20.0) and None for an emptied box; `make_job`
+    takes whole floats as ints and says what is wrong otherwise. The page saves its images
+    as the `samples_save` option says (the API: as each request's `save_images` says).
+    """
+    request: dict[str, Any] = {}
+    parts: dict[str, dict[int, Any]] = {}
+    xyz: dict[str, Any] = {}
+    for name, value in values.items():
+        if name.startswith("xyz_"):
+            xyz[name[4:]] = value
+        elif "[" in name and name.endswith("]"):
+            base, index = name[:-1].split("[")
+            parts.setdefault(base, {})[int(index)] = value
+        else:
+            request[name] = value
+    for name, items in parts.items():
+        request[name] = [items[i] for i in sorted(items)]
+    for name in ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "clip_skip"):
+        if name in request and request[name] is None:
+            raise InvalidParameter(f"{name} is empty", field=name)
+    if is_xyz(request.get("script_name")):
+        request["script_args"] = {k: v for k, v in xyz.items() if k in XYZ_ARGUMENTS}
+        if request["script_args"].get("margin_size") is not None:
+            request["script_args"]["margin_size"] = int(request["script_args"]["margin_size"])
+    request["save_images"] = bool(options.get("samples_save", True))
+    return request
+
+
+def outdir(args, options: dict, kind: str) -> Path:
+    """Where a job kind's images go: the `outdir_<kind>_samples` option, else --outdir-samples (txt2img)."""
+    folder = options.get(f"outdir_{kind}_samples") or options.get("outdir_samples")
+    if folder:
+        return Path(folder)
+    default = Path(getattr(args, "outdir_samples", "outputs/txt2img-images"))
+    return default if kind == "txt2img" else default.parent / f"{kind}-images"
