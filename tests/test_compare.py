@@ -135,7 +135,7 @@ def test_a_compare_rerun_is_the_sessions_job_but_keeps_its_files(tmp_path):
     """Compare registers its rerun like a job (Interrupt stops it, one job per session) without
     deleting the result it is compared with."""
     from modules.job_state import JobState
-    from webui.ui import SessionJobs
+    from webui.ui_common import SessionJobs
 
     jobs, files = SessionJobs(), tmp_path / "job"
     files.mkdir()

@@ -21,10 +21,10 @@ from tests.browser import open_page, require_browser, set_number
 # ---- without a browser -----------------------------------------------------------------------
 
 def test_interrupt_reaches_only_the_sessions_own_job(tmp_path, monkeypatch):
-    from webui import ui
-    from webui.ui import SessionJobs
+    from webui import ui_common
+    from webui.ui_common import SessionJobs
 
-    monkeypatch.setattr(ui, "CLEANUP_DELAY", 0.0)
+    monkeypatch.setattr(ui_common, "CLEANUP_DELAY", 0.0)
 
     jobs = SessionJobs()
     a, b = JobState(), JobState()
@@ -44,7 +44,7 @@ def test_interrupt_reaches_only_the_sessions_own_job(tmp_path, monkeypatch):
 
 
 def test_progress_text_has_step_count_and_time_left():
-    from webui.ui import job_progress_text
+    from webui.ui_common import job_progress_text
 
     state = JobState()
     assert job_progress_text(state, time.time())[0].startswith("Waiting in the queue")

@@ -4,7 +4,7 @@ A job's trajectory is kept as latents, not pictures: `TrajectoryRecorder` is an 
 hook that clones, per step, the guided pred_x0, the prompt branch's and the negative
 branch's pred_x0 and the guidance statistics of `StepInfo.stats`. The clone stays on the
 model's device until the UI thread asks for the steps (`records()`), which moves them to
-the CPU as float16, so the sampling thread never waits for a transfer. Pictures are made on
+the CPU as float32, so the sampling thread never waits for a transfer. Pictures are made on
 demand for the one step the user picked (`render_step`), with the cheap latent->RGB
 projection by default or the VAE when the page's preview method says "Full".
 
@@ -62,6 +62,7 @@ class StepRecord:
     negative: torch.Tensor | None
     stats: dict[str, Any] = field(default_factory=dict)  # name -> (N,) tensor, then list[float] once on the CPU
     on_cpu: bool = False
+    seq: int = 0  # 0-based position among all the steps the recorder has seen (kept when older ones are dropped)
 
     def to_cpu(self) -> None:
         if self.on_cpu:
@@ -69,7 +70,7 @@ class StepRecord:
         for name in ("combined", "prompt", "negative"):
             t = getattr(self, name)
             if t is not None:
-                setattr(self, name, t.to("cpu", torch.float16))
+                setattr(self, name, t.to("cpu", torch.float32))
         self.stats = {k: [float(v) for v in torch.as_tensor(s).flatten().float().cpu()] for k, s in self.stats.items()}
         self.on_cpu = True
 
@@ -78,7 +79,11 @@ class StepRecord:
 
 
 class TrajectoryRecorder:
-    """An after_sample hook keeping every step's latents (guided, prompt branch, negative branch) and stats."""
+    """An after_sample hook keeping every step's latents (guided, prompt branch, negative branch) and stats.
+
+    It is the one hook of a page job that copies a step's tensors: the step previews
+    (webui/previews.py) and the inspector both read its records.
+    """
 
     def __init__(self, batch_count: int = 1, max_bytes: int = MAX_TRAJECTORY_BYTES,
                  model: Callable[[], Any] | None = None):
@@ -92,6 +97,7 @@ class TrajectoryRecorder:
         self._records: list[StepRecord] = []
         self._lock = threading.Lock()
         self._batch_no = 0
+        self._seen = 0
         self.dropped = 0  # records let go to keep the trajectory under max_bytes
 
     def __call__(self, info: StepInfo) -> None:
@@ -110,6 +116,8 @@ class TrajectoryRecorder:
             negative.detach().clone() if negative is not None else None,
             {k: v.detach().clone() for k, v in (info.stats or {}).items() if isinstance(v, torch.Tensor)})
         with self._lock:
+            record.seq = self._seen
+            self._seen += 1
             self._records.append(record)
 
     @property
@@ -120,6 +128,10 @@ class TrajectoryRecorder:
     def __len__(self) -> int:
         with self._lock:
             return len(self._records)
+
+    def records_since(self, seq: int) -> list[StepRecord]:
+        """The records from position `seq` on (moved to the CPU), for a reader that has seen the ones before."""
+        return [r for r in self.records() if r.seq >= seq]
 
     def records(self) -> list[StepRecord]:
         """Every step so far, moved to the CPU (on the calling thread), oldest batches dropped past the cap."""
@@ -229,7 +241,7 @@ def blend_heatmap(combined_rgb: torch.Tensor, heat: torch.Tensor) -> torch.Tenso
 
 
 def decode(model, latents: torch.Tensor, method: str) -> torch.Tensor:
-    """Latents kept on the CPU (float16) -> (N, 3, h, w) RGB in [-1, 1] on the CPU."""
+    """Latents kept on the CPU (float32) -> (N, 3, h, w) RGB in [-1, 1] on the CPU."""
     if method == "full":
         latents = latents.to(model.device, model.dtype)
         with torch.no_grad():

@@ -42,6 +42,7 @@ class PreviewFrame:
     batch_count: int
     image: Image.Image | None  # None once the UI has written it to `path` and let it go
     path: Path | None = None
+    seq: int = 0  # the recorder's position of the step
 
     @property
     def caption(self) -> str:
@@ -66,17 +67,21 @@ def grid(rows: list[list[Image.Image]], size: tuple[int, int]) -> Image.Image:
 
 
 class PreviewCollector:
-    """An after_sample hook collecting one `PreviewFrame` per sampling step.
+    """One `PreviewFrame` per sampling step, rendered from a `TrajectoryRecorder`'s records.
 
-    The hook itself only keeps a copy of the step's latents (a device-side clone: no
-    transfer, no sync), so sampling does not wait for previews. `frames()` turns the
-    pending latents into pictures on the thread that asks (the UI's streaming loop), with
-    the cheap projection or the VAE. `model` is the model that samples (or a callable
-    returning it, for a UI whose checkpoint may change while a job waits in the queue).
+    The recorder is the after_sample hook: it only keeps a device-side copy of the step's
+    latents (no transfer, no sync), so sampling does not wait for previews. `frames()`
+    turns the steps recorded since its last call into pictures on the thread that asks
+    (the UI's streaming loop), with the cheap projection or the VAE. Given no recorder, the
+    collector makes its own and is itself the hook (`collector(info)`). `model` is the model
+    that samples (or a callable returning it, for a UI whose checkpoint may change while a
+    job waits in the queue).
     """
 
     def __init__(self, model, subject: str = SUBJECT_COMBINED, method: str = METHOD_CHEAP,
-                 size: tuple[int, int] = (64, 64), batch_count: int = 1):
+                 size: tuple[int, int] = (64, 64), batch_count: int = 1, recorder=None):
+        from webui.inspector import TrajectoryRecorder
+
         if subject not in SUBJECTS:
             raise ValueError(f"unknown preview subject {subject!r}")
         if method not in METHODS:
@@ -85,27 +90,22 @@ class PreviewCollector:
         self.subject, self.method, self.batch_count = subject, method, batch_count
         self.image_size = tuple(size)
         self.size: tuple[int, int] | None = None  # tile size, once the batch size is known
+        self.recorder = recorder if recorder is not None else TrajectoryRecorder(batch_count)
         self._frames: list[PreviewFrame] = []
-        self._pending: list[tuple[int, int, int, int, list[torch.Tensor | None]]] = []
-        self._lock = threading.Lock()  # guards _frames and _pending
+        self._lock = threading.Lock()  # guards _frames
         self._render_lock = threading.Lock()  # one renderer at a time keeps frames in step order
-        self._batch_no = 0
         self.seconds = 0.0  # time spent in the hook (on the sampling thread)
         self.render_seconds = 0.0  # time spent making pictures (on the thread calling frames())
 
     def __call__(self, info: StepInfo) -> None:
         start = time.perf_counter()
-        if info.step == 0:
-            self._batch_no += 1
-        columns = [c.detach().clone() if c is not None else None for c in self.latents_for(info)]
-        with self._lock:
-            self._pending.append((info.step + 1, info.steps, self._batch_no, info.pred_x0.shape[0], columns))
+        self.recorder(info)
         self.seconds += time.perf_counter() - start
 
-    def latents_for(self, info: StepInfo) -> list[torch.Tensor | None]:
+    def latents_for(self, record) -> list[torch.Tensor | None]:
         """The latents to show, one (N, C, h, w) tensor per column; None where a branch was not computed
         (no negative pass at CFG scale 1)."""
-        combined, prompt, negative = info.pred_x0, info.branches.get("prompt"), info.branches.get("negative")
+        combined, prompt, negative = record.combined, record.prompt, record.negative
         if self.subject == SUBJECT_ALL:
             return [combined, prompt if prompt is not None else combined, negative]
         if self.subject == SUBJECT_PROMPT:
@@ -129,7 +129,13 @@ class PreviewCollector:
             self.size = tile_size(*self.image_size, max_side=min(MAX_TILE, MAX_PICTURE // max(rows, cols)))
         present = [c for c in columns if c is not None]
         method = "full" if self.method == METHOD_FULL else "cheap"
-        rgb = sd_vae_approx.latents_to_rgb(self._model(), torch.cat(present), method) if present else None
+        rgb = None
+        if present:
+            model, latents = self._model(), torch.cat(present)
+            if method == "full":  # the records are on the CPU in float16: the VAE wants its own device and dtype
+                latents = latents.to(model.device, model.dtype)
+            with torch.no_grad():
+                rgb = sd_vae_approx.latents_to_rgb(model, latents, method)
         tiles, k = [], 0
         blank = Image.new("RGB", self.size, (128, 128, 128))
         for c in columns:
@@ -145,13 +151,16 @@ class PreviewCollector:
         return grid([images[i:i + cols] for i in range(0, n, cols)], self.size)
 
     def frames(self) -> list[PreviewFrame]:
-        """Every step's frame so far, rendering the steps the hook has queued since the last call."""
+        """Every step's frame so far, rendering the steps recorded since the last call."""
         with self._render_lock:
             with self._lock:
-                pending, self._pending = self._pending, []
+                seen = self._frames[-1].seq + 1 if self._frames else 0
             start = time.perf_counter()
-            made = [PreviewFrame(step, steps, batch_no, self.batch_count, self.render(n, columns))
-                    for step, steps, batch_no, n, columns in pending]
+            made = []
+            for r in self.recorder.records_since(seen):
+                columns = [c.float() if c is not None else None for c in self.latents_for(r)]
+                made.append(PreviewFrame(r.step, r.steps, r.batch_no, self.batch_count,
+                                         self.render(r.combined.shape[0], columns), seq=r.seq))
             self.render_seconds += time.perf_counter() - start
             with self._lock:
                 self._frames.extend(made)

@@ -1,0 +1,204 @@
+"""What every part of the page shares: its CSS, the progress bar, the session registry, small renderers.
+
+Nothing here holds a job or a model: the session registry (`SessionJobs`) maps a browser
+session to its running job, so Interrupt stops that job and no other.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from modules import sd_samplers
+from modules.job_state import JobState
+from webui import previews
+
+log = logging.getLogger("webui")
+
+UPDATE_INTERVAL = 0.25  # seconds between streamed updates while a job runs
+CLEANUP_DELAY = 30.0  # seconds between a session's end and the deletion of its files
+
+CSS = """
+.sdneg-token-counter { align-self: flex-end; width: auto !important;
+  min-height: 0 !important; margin-top: calc(-1.9em - var(--layout-gap, 12px)) !important; margin-right: 1.2em;
+  font-size: 0.85em; opacity: 0.75; z-index: 5; pointer-events: none; background: transparent !important;
+  border: none !important; box-shadow: none !important; padding: 0 !important; }
+.sdneg-progress { position: relative; height: 1.6em; border-radius: 4px; background: var(--block-background-fill, #eee);
+  border: 1px solid var(--border-color-primary, #ccc); overflow: hidden; }
+.sdneg-progress-bar { position: absolute; left: 0; top: 0; bottom: 0; background: var(--color-accent, #f97316);
+  opacity: 0.55; transition: width 0.2s; }
+.sdneg-progress-text { position: relative; padding: 0 8px; line-height: 1.6em; font-size: 0.9em; }
+.sdneg-error { color: var(--error-text-color, #b91c1c); font-weight: 600; white-space: pre-wrap; }
+.sdneg-infotext { font-family: var(--font-mono, monospace); font-size: 0.85em; white-space: pre-wrap;
+  word-break: break-word; }
+.sdneg-generate { min-height: 3em; }
+.sdneg-tool { max-width: 3em; min-width: 3em !important; }
+/* the result: every image whole, at any aspect ratio, never wider than its column */
+.sdneg-result .grid-wrap { height: auto !important; max-height: none !important; }
+.sdneg-result .grid-container { grid-template-columns: repeat(auto-fit, minmax(min(100%, 200px), 1fr)) !important; }
+.sdneg-result .thumbnail-item { aspect-ratio: auto !important; height: auto !important; }
+.sdneg-result .thumbnail-item img { width: 100% !important; height: auto !important; max-height: 60vh !important;
+  object-fit: contain !important; }
+/* the page holds at narrow widths: columns wrap instead of running off the right edge */
+.sdneg-wrap { flex-wrap: wrap !important; }
+.sdneg-wrap > .column { min-width: min(100%, 340px) !important; }
+.sdneg-views > * { min-width: min(100%, 150px) !important; }
+/* galleries of many small pictures: as many columns as fit, never wider than the gallery */
+.sdneg-steps .grid-container { grid-template-columns: repeat(auto-fill, minmax(88px, 1fr)) !important; }
+.sdneg-steps .thumbnail-item { min-width: 0 !important; max-width: 100% !important; }
+.sdneg-views label span, .sdneg-views .label-wrap span { white-space: nowrap; overflow: visible; }
+"""
+
+
+class SessionJobs:
+    """The running job of each browser session, so Interrupt stops the presser's job only."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs: dict[str, JobState] = {}
+        self._dirs: dict[str, Path] = {}
+
+    def start(self, key: str, state: JobState, job_dir: Path | None = None) -> bool:
+        """Register the session's new job; False if it already has one queued or running.
+
+        A job with a `job_dir` replaces the session's files; one without (Compare, which reruns
+        the last result beside it) leaves them.
+        """
+        with self._lock:
+            if key in self._jobs:
+                return False
+            self._jobs[key] = state
+            old = self._dirs.get(key) if job_dir is not None else None
+            if job_dir is not None:
+                self._dirs[key] = job_dir
+        if old is not None and old != job_dir:  # a session's page shows only its last job: its older files can go
+            shutil.rmtree(old, ignore_errors=True)
+        return True
+
+    def finish(self, key: str, state: JobState) -> None:
+        with self._lock:
+            if self._jobs.get(key) is state:
+                del self._jobs[key]
+
+    def close(self, key: str) -> None:
+        """The session ended (tab closed or reloaded): stop its job and delete its files."""
+        self.interrupt(key)
+        with self._lock:
+            old = self._dirs.pop(key, None)
+        if old is not None:  # a little later: the closing page may still be fetching thumbnails
+            timer = threading.Timer(CLEANUP_DELAY, shutil.rmtree, args=(old,), kwargs={"ignore_errors": True})
+            timer.daemon = True
+            timer.start()
+
+    def interrupt(self, key: str) -> bool:
+        with self._lock:
+            state = self._jobs.get(key)
+        if state is None:
+            return False
+        state.interrupt()
+        return True
+
+
+def session_key(request: gr.Request | None) -> str:
+    if request is None:
+        return "anonymous"
+    return f"{getattr(request, 'username', None) or ''}/{request.session_hash or id(request)}"
+
+
+def progress_html(text: str, fraction: float = 0.0, error: bool = False) -> str:
+    cls = "sdneg-progress-text sdneg-error" if error else "sdneg-progress-text"
+    return (f'<div class="sdneg-progress"><div class="sdneg-progress-bar" style="width: {100 * fraction:.1f}%"></div>'
+            f'<span class="{cls}">{html.escape(text)}</span></div>')
+
+
+def error_html(message: str) -> str:
+    return f'<div class="sdneg-error">{html.escape(message)}</div>'
+
+
+def user_error(what: str, message: str) -> None:
+    """A request the engine refused: one line in the server log and a toast on the page (no traceback)."""
+    log.warning("%s refused: %s", what, message)
+    gr.Warning(message)
+
+
+def job_progress_text(state: JobState, started: float) -> tuple[str, float]:
+    """`Step 7/20 · 35% · 2.4 s left` for a running job, or what it waits for."""
+    if state.interrupted:
+        return "Interrupting…", 0.0
+    if not state.job:
+        return f"Waiting in the queue… {time.time() - started:.0f} s", 0.0
+    fraction, eta = state.progress()
+    text = f"Step {state.sampling_step}/{state.sampling_steps}"
+    if state.textinfo:  # a script's own progress, e.g. `X/Y/Z plot: cell 2 of 6`
+        text = f"{state.textinfo} · {text}"
+    if state.job_count > 1:
+        text += f" · batch {min(state.job_no + 1, state.job_count)}/{state.job_count}"
+    text += f" · {100 * fraction:.0f}%"
+    if state.sampling_step:
+        text += f" · {eta:.1f} s left"
+    return text, fraction
+
+
+def gallery_interval(n: int) -> float:
+    """Seconds between preview-gallery updates: each update sends the whole list, so a long
+    trajectory (many batches) is sent less often."""
+    return max(UPDATE_INTERVAL, n / 400)
+
+
+def preview_label(subject: str) -> str:
+    what = "combined | prompt | negative, left to right" if subject == previews.SUBJECT_ALL else subject.lower()
+    return f"Denoising steps: the predicted final image (pred_x0) at each step — {what}"
+
+
+def infotext_html(info: str) -> str:
+    if not info:
+        return ""
+    return '<div class="sdneg-infotext">' + html.escape(info) + "</div>"
+
+
+def current_title(ctx) -> str:
+    """AUTOMATIC1111's checkpoint title (`name [shorthash]`) of the loaded model."""
+    if getattr(ctx, "checkpoint", None) is not None:
+        return ctx.checkpoint.title
+    return f"{ctx.model.name} [{ctx.model.shorthash}]" if ctx.model is not None else ""
+
+
+def checkpoint_titles(ctx, refresh: bool = False) -> list[str]:
+    """Every checkpoint that can be picked (as of the last refresh), the loaded one included."""
+    infos = ctx.refresh_checkpoints() if refresh else ctx.checkpoints
+    titles = [info.title for info in infos]
+    current = current_title(ctx)
+    return titles if not current or current in titles else [current, *titles]
+
+
+def scheduler_labels() -> list[str]:
+    return [s.label for s in sd_samplers.all_schedulers]
+
+
+def token_counter(model, text: str, steps: int = 20, positive: bool = True) -> str:
+    """`used/available` as AUTOMATIC1111 counts: per AND part and per schedule entry (prompt editing,
+    alternation), the largest; `<lora:...>` tags are not tokens; BREAK and embeddings count as encoded."""
+    from modules import prompt_parser
+
+    if model is None or not text:
+        return "0/75"
+    try:
+        steps = max(1, int(steps or 20))
+        parts = prompt_parser.get_multicond_prompt_list([text])[1] if positive else [text]
+        try:
+            from modules import extra_networks
+
+            parts = [extra_networks.parse_prompt(part)[0] for part in parts]
+        except ImportError:
+            pass
+        schedules = prompt_parser.get_learned_conditioning_prompt_schedules(parts, steps)
+        texts = {entry_text for schedule in schedules for _, entry_text in schedule}
+        return "%d/%d" % max(model.cond_stage.count_tokens(t) for t in texts)
+    except Exception as e:  # a counter must never break typing
+        log.warning("token count failed: %s: %s", type(e).__name__, e)
+        return ""
