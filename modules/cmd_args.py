@@ -7,6 +7,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CKPT_DIR = REPO / "models" / "Stable-diffusion"
 DEFAULT_MODEL = DEFAULT_CKPT_DIR / "tiny-shapes"
+DEFAULT_VAE_DIR = REPO / "models" / "VAE"
+DEFAULT_SETTINGS_FILE = REPO / "config.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,8 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nowebui", action="store_true", help="serve the API only")
     p.add_argument("--api-auth", default=None, help='HTTP Basic auth for the API: "user:pass[,user2:pass2]"')
     p.add_argument("--api-log", action="store_true", help="log every API request")
+    p.add_argument("--api-server-stop", action="store_true",
+                   help="enable /sdapi/v1/server-kill, server-restart and server-stop (off by default, as AUTOMATIC1111)")
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint to load at start (default: the embedded model)")
     p.add_argument("--ckpt-dir", type=Path, default=None, help="another folder of checkpoints")
+    # settings and VAEs (modules/options.py, modules/sd_vae.py)
+    p.add_argument("--ui-settings-file", type=Path, default=DEFAULT_SETTINGS_FILE,
+                   help="the settings file, AUTOMATIC1111's config.json (default: config.json in the repository)")
+    p.add_argument("--vae-dir", type=Path, default=None, help="another folder of VAE files (besides models/VAE)")
+    p.add_argument("--vae-path", type=Path, default=None,
+                   help="VAE file to use for every checkpoint; setting it disables the sd_vae setting")
     p.add_argument("--outdir-samples", type=Path, default=REPO / "outputs" / "txt2img-images",
                    help="where generated images are saved")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -35,11 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-half-vae", action="store_true", help="float32 VAE even when the rest is fp16")
     p.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast",
                    help="full = float32 everywhere, as --no-half")
+    # embeddings, styles, LoRA (modules/textual_inversion.py, modules/styles.py, modules/extra_networks_lora.py)
+    p.add_argument("--embeddings-dir", type=Path, default=REPO / "embeddings",
+                   help="textual-inversion embeddings folder (subfolders too; default: embeddings/)")
+    p.add_argument("--styles-file", action="append", default=[],
+                   help="a styles CSV (name,prompt,negative_prompt) or a wildcard; repeat for several "
+                        "(default: styles.csv); new styles are saved to the first")
+    p.add_argument("--lora-dir", type=Path, default=REPO / "models" / "Lora", help="LoRA folder (default: models/Lora)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if not args.styles_file:
+        args.styles_file = [str(REPO / "styles.csv")]
     if args.port is None:
         args.port = 7861 if args.nowebui else 7860
     if not 0 < args.port < 65536:

@@ -16,10 +16,16 @@ Stochastic samplers draw from `rng.generators` (one CPU generator per image, the
 initial noise came from), so a seed gives the same image at any batch size; DPM++ SDE's
 Brownian tree is seeded with the images' seeds, one tree per image, as AUTOMATIC1111 does.
 
-Samplers diffusers lacks (DPM++ 2S a, and Euler a on Karras or exponential sigmas, which
-diffusers' EulerAncestralDiscreteScheduler cannot take) are short k-diffusion-style
-functions (`sample_euler_ancestral`, `sample_dpmpp_2s_ancestral`) on the sigmas diffusers'
-EulerDiscreteScheduler computes for the same schedule type.
+Samplers and schedule types diffusers lacks (DPM++ 2S a and the samplers AUTOMATIC1111 added
+later; Euler a on Karras or exponential sigmas; every sampler on the schedule types diffusers
+cannot compute) run as k-diffusion-style functions (`modules/sd_samplers_kdiffusion.py`) on
+explicit sigmas from `modules/sd_schedulers.py`.
+
+img2img (`sample_img2img`) starts the same loop part-way, as diffusers' img2img pipelines do:
+at sampling step k = total - t_enc - 1 (A1111's rule, `img2img_steps`), i.e.
+`set_begin_index(k * order)` and `timesteps[k * order:]`, from the init latent noised to that
+step's level (k-diffusion's `x0 + sigma * noise`, in the scheduler's own scaling; for PLMS
+`sqrt(a_t) x0 + sqrt(1 - a_t) noise` at the starting DDIM timestep, A1111's timesteps path).
 
 Second-order samplers (Heun, DPM2, DPM2 a, DPM++ SDE, DPM++ 2S a) call the denoiser twice
 per step, and PLMS twice on its first step: every sampler reports once per sampling step
@@ -29,15 +35,15 @@ denoiser call; both calls get the sampling step's index (prompt schedules switch
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from modules.errors import InterruptedException
-from modules.sd_samplers_common import AfterSampleHook, Sampler, StepInfo, call_hooks, run_steps
+from modules.sd_samplers_common import AfterSampleHook, Sampler, StepInfo, img2img_steps, run_steps
+# Moved to modules/sd_samplers_kdiffusion.py; importable from here as before.
+from modules.sd_samplers_kdiffusion import (KDiffusionSampler, get_ancestral_step, sample_dpmpp_2s_ancestral,  # noqa: F401
+                                            sample_euler_ancestral)
 
 # DPM++ SDE's Brownian tree warns on every run when a query touches its float32-rounded ends (also in diffusers' pipeline).
 warnings.filterwarnings("ignore", message=r"Should have t[ab]", category=UserWarning)
@@ -117,15 +123,40 @@ class DiffusersSampler(Sampler):
 
     def sample(self, denoiser, noise: torch.Tensor, steps: int, rng, hooks: list[AfterSampleHook]) -> torch.Tensor:
         sched = self.make_scheduler(steps, rng)
-        timesteps = list(sched.timesteps)
+        # The scheduler works in float32 whatever the UNet's dtype (as diffusers' schedulers upcast anyway).
+        x = noise.float() * sched.init_noise_sigma
+        return self._loop(denoiser, sched, list(sched.timesteps), 0, x, steps, rng, hooks)
+
+    def sample_img2img(self, denoiser, init_latent, noise, steps, denoising_strength, rng, hooks, fix_steps=False):
+        """Start at sampling step `total - t_enc - 1` of the `total`-step schedule (see the module docstring)."""
+        total, t_enc = img2img_steps(steps, denoising_strength, fix_steps)
+        sched = self.make_scheduler(total, rng)
+        start = total - t_enc - 1
+        init, noise = init_latent.float().to(noise.device), noise.float()
+        if type(sched).__name__ == "PNDMScheduler":
+            # PLMS's list repeats its second timestep (the first step takes two calls): rebuild it from `start`.
+            ddim = [t for i, t in enumerate(sched.timesteps.tolist()) if i != 1][start:]
+            sched.timesteps = torch.tensor(ddim[:2] + ddim[1:] if len(ddim) > 1 else ddim, device=sched.timesteps.device)
+            alpha = float(self.model.alphas_cumprod[int(ddim[0])])
+            x = alpha ** 0.5 * init + (1 - alpha) ** 0.5 * noise
+            return self._loop(denoiser, sched, list(sched.timesteps), 0, x, t_enc + 1, rng, hooks)
+        begin = start * sched.order
+        sched.set_begin_index(begin)
+        sigma = float(sched.sigmas[begin])
+        x = init + noise * sigma
+        if float(sched.init_noise_sigma) <= 1:  # VP schedulers (DPM-Solver, UniPC) keep x / sqrt(1 + sigma^2)
+            x = x / (1 + sigma ** 2) ** 0.5
+        return self._loop(denoiser, sched, list(sched.timesteps), begin, x, t_enc + 1, rng, hooks)
+
+    def _loop(self, denoiser, sched, timesteps: list, begin: int, x: torch.Tensor, steps: int, rng,
+              hooks: list[AfterSampleHook]) -> torch.Tensor:
+        """diffusers' denoising loop from scheduler call `begin`, reporting `steps` sampling steps."""
         # Ancestral and SDE steps draw their noise from the images' own generators (randn_tensor takes a list).
         takes_generator = "generator" in inspect.signature(sched.step).parameters
         step_kwargs = {"generator": rng.generators} if takes_generator else {}
         alphas_cumprod = self.model.alphas_cumprod
         dtype = self.model.dtype
-        # The scheduler works in float32 whatever the UNet's dtype (as diffusers' schedulers upcast anyway).
-        x = noise.float() * sched.init_noise_sigma
-        k = 0
+        k = begin
 
         def step_fn(i: int) -> StepInfo:
             nonlocal x, k
@@ -136,104 +167,8 @@ class DiffusersSampler(Sampler):
                 out = denoiser(x_in.to(dtype), float(t), alpha, i)
                 x = sched.step(out.model_output.float(), t, x, **step_kwargs).prev_sample
                 k += 1
-                if _step_done(sched, k - 1) or k == len(timesteps):
+                if _step_done(sched, k - begin - 1) or k == len(timesteps):
                     return StepInfo(i, steps, float(t), x, out.pred_x0, out.branches, out.stats)
 
         result = run_steps(step_fn, steps, hooks)
         return result.to(dtype)
-
-
-# --- k-diffusion-style samplers, for what diffusers does not ship ------------------------------------------
-
-
-def sigma_to_t(sigma: float, log_sigmas: torch.Tensor) -> float:
-    """The (fractional) training timestep of `sigma`: log-linear interpolation, as k-diffusion's DiscreteSchedule."""
-    log_sigma = math.log(sigma)
-    dists = log_sigma - log_sigmas
-    low = int((dists >= 0).cumsum(0).argmax().clamp(max=len(log_sigmas) - 2))
-    lo, hi = float(log_sigmas[low]), float(log_sigmas[low + 1])
-    w = min(max((lo - log_sigma) / (lo - hi), 0.0), 1.0)
-    return (1 - w) * low + w * (low + 1)
-
-
-def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """k-diffusion: split a step into a deterministic part to sigma_down and fresh noise of size sigma_up."""
-    if not eta:
-        return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
-    return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
-
-
-def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas: list[float], noise: Callable, eta: float,
-                           step: Callable[[int, torch.Tensor], None]) -> None:
-    """Euler a (k-diffusion `sample_euler_ancestral`); `model(x, sigma, i)` returns denoised."""
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i], i)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + noise() * sigma_up
-        step(i, x)
-
-
-def sample_dpmpp_2s_ancestral(model: Callable, x: torch.Tensor, sigmas: list[float], noise: Callable, eta: float,
-                              step: Callable[[int, torch.Tensor], None]) -> None:
-    """DPM++ 2S a (k-diffusion `sample_dpmpp_2s_ancestral`): a midpoint step in log-sigma, then noise."""
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i], i)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        if sigma_down == 0:
-            x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
-        else:
-            t, t_next = -math.log(sigmas[i]), -math.log(sigma_down)
-            h = t_next - t
-            s = t + h / 2
-            x_2 = (math.exp(-s) / math.exp(-t)) * x - math.expm1(-h / 2) * denoised
-            denoised_2 = model(x_2, math.exp(-s), i)
-            x = (math.exp(-t_next) / math.exp(-t)) * x - math.expm1(-h) * denoised_2
-        if sigmas[i + 1] > 0:
-            x = x + noise() * sigma_up
-        step(i, x)
-
-
-class KDiffusionSampler(Sampler):
-    """A k-diffusion-style sampler on the sigmas of diffusers' EulerDiscreteScheduler for the schedule type.
-
-    The model is called on the VP-scaled input x / sqrt(1 + sigma^2) at the fractional
-    timestep of sigma, as k-diffusion's CompVisDenoiser does; noise comes from the images'
-    own generators (`rng.next()`).
-    """
-
-    def __init__(self, model, name: str, function: Callable, schedule: str, eta: float = 1.0):
-        self.model, self.name, self.function, self.schedule, self.eta = model, name, function, schedule, eta
-
-    def sample(self, denoiser, noise: torch.Tensor, steps: int, rng, hooks: list[AfterSampleHook]) -> torch.Tensor:
-        sched = build_scheduler(self.model, SchedulerRecipe("EulerDiscreteScheduler"), self.schedule)
-        sched.set_timesteps(steps)
-        sigmas = [float(s) for s in sched.sigmas]
-        log_sigmas = ((1 - self.model.alphas_cumprod.double()) / self.model.alphas_cumprod.double()).sqrt().log()
-        dtype, device = self.model.dtype, self.model.device
-        last: dict = {}
-
-        def model_fn(x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
-            alpha = 1.0 / (1.0 + sigma ** 2)
-            t = sigma_to_t(sigma, log_sigmas)
-            out = denoiser((x * alpha ** 0.5).to(dtype), t, alpha, i)
-            last.update(out=out, t=t)
-            return out.pred_x0.float()
-
-        reports: list[StepInfo] = []
-
-        def report(i: int, x: torch.Tensor) -> None:
-            out = last["out"]
-            info = StepInfo(i, steps, last["t"], x, out.pred_x0, out.branches, out.stats)
-            reports.append(info)
-            call_hooks(hooks, info)
-
-        try:
-            self.function(model_fn, noise.float().to(device) * sigmas[0], sigmas,
-                          lambda: rng.next().float(), self.eta, report)
-        except InterruptedException:
-            info = reports[-1]
-            return (info.pred_x0 if info.step < steps - 1 else info.x).to(dtype)
-        return reports[-1].x.to(dtype)

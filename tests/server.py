@@ -61,6 +61,8 @@ def start_server(ckpt: str | Path, *flags: str, port: int | None = None, timeout
     """`python app.py --ckpt CKPT --port PORT FLAGS...`, returned once it answers HTTP."""
     port = port or free_port()
     log = Path(tempfile.mkstemp(prefix=f"server-{port}-", suffix=".log")[1])
+    if "--ui-settings-file" not in flags:  # a test server never writes the repo's config.json
+        flags = (*flags, "--ui-settings-file", str(log.with_suffix(".config.json")))
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                    "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "wb") as fh:

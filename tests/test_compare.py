@@ -54,7 +54,8 @@ def api_client(model, tmp_path):
     from webui.api import Api
     from webui.context import WebUIContext
 
-    args = cmd_args.parse_args(["--ckpt", str(model.path), "--outdir-samples", str(tmp_path / "outputs")])
+    args = cmd_args.parse_args(["--ckpt", str(model.path), "--outdir-samples", str(tmp_path / "outputs"),
+                                "--ui-settings-file", str(tmp_path / "config.json")])
     app = FastAPI()
     Api(app, WebUIContext(args, model))
     return TestClient(app)

@@ -46,8 +46,8 @@ def doors(tiny_model, tmp_path):
     from webui.context import WebUIContext
     from webui.ui import create_ui
 
-    ctx = WebUIContext(cmd_args.parse_args(["--ckpt", str(tiny_model.path), "--outdir-samples",
-                                            str(tmp_path / "out")]), tiny_model)
+    ctx = WebUIContext(cmd_args.parse_args(["--ckpt", str(tiny_model.path), "--outdir-samples", str(tmp_path / "out"),
+                                            "--ui-settings-file", str(tmp_path / "config.json")]), tiny_model)
     demo = create_ui(ctx)
     api = Api(FastAPI(), ctx)
     return ctx, demo.sdneg_fields, api
@@ -130,7 +130,7 @@ def test_options_reach_page_and_api_jobs_alike(doors, option, value, field):
     from webui.ui import create_ui
 
     ctx, _, api = doors
-    ctx.options[option] = value
+    ctx.options.set({option: value})
     controls = create_ui(ctx).sdneg_fields  # a page loaded after the option was set
     defaults = page_defaults_as_json(controls)
     defaults.pop(field, None)

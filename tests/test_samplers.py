@@ -54,6 +54,8 @@ PARITY = [
 ]
 
 ALL_NAMES = [s.name for s in sd_samplers.all_samplers]
+# DPM adaptive chooses how many steps it takes (tests/test_samplers_kdiffusion.py checks its reports)
+FIXED_STEP_NAMES = [name for name in ALL_NAMES if name != "DPM adaptive"]
 STOCHASTIC = ["Euler a", "DPM2 a", "DPM++ 2M SDE", "DPM++ SDE", "DPM++ 2S a", "Euler a Karras"]
 
 
@@ -149,7 +151,7 @@ def test_stochastic_samplers_are_batch_size_independent(tiny_model, name):
     assert np.abs(batch[1] - single).mean() > 1.0  # other seeds, other noise
 
 
-@pytest.mark.parametrize("name", ALL_NAMES + ["Euler a Karras"])
+@pytest.mark.parametrize("name", FIXED_STEP_NAMES + ["Euler a Karras"])
 def test_hooks_see_every_step_with_branches_and_can_interrupt(tiny_model, monkeypatch, name):
     from modules import sd_samplers_cfg_denoiser
 
@@ -239,7 +241,7 @@ def test_legacy_name_and_schedule_type_give_the_same_image_and_infotext(tiny_mod
     assert np.array_equal(pixels(again.images), pixels(split.images))
 
 
-@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("name", FIXED_STEP_NAMES)
 def test_one_and_two_steps(tiny_model, name):
     for steps in (1, 2):
         seen = []
@@ -285,4 +287,7 @@ def test_every_schedule_type_the_sampler_offers_runs(tiny_model, name):
         assert f"Schedule type: {labels[schedule]}," in result.infotexts[0]
         images_.append(pixels(result.images))
         assert np.isfinite(images_[-1]).all()
-    assert all(np.abs(a - images_[0]).mean() > 0 for a in images_[1:])  # the schedule type changes the result
+    # the schedule type changes the result; Normal is Uniform on a discrete schedule (A1111's formulas agree there)
+    distinct = [a for schedule, a in zip(sd_samplers.find_sampler_config(name).schedule_types, images_)
+                if schedule != "normal"]
+    assert all(np.abs(a - distinct[0]).mean() > 0 for a in distinct[1:])

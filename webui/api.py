@@ -119,6 +119,15 @@ def request_dict(req: BaseModel) -> dict:
     return data
 
 
+class ErrorResponse(BaseModel):
+    """Every 4xx of this API: `detail` is a message, or FastAPI's list of validation errors."""
+    detail: Any = Field(description="What is wrong: a message, or a list of {loc, msg, type} for malformed JSON")
+    error: Optional[str] = Field(default=None, description="The error's kind (InvalidParameter, ModelNotFound, ...)")
+    field: Optional[str] = Field(default=None, description="The request field at fault, when there is one")
+    body: Any = None
+    errors: Any = None
+
+
 class TextToImageResponse(BaseModel):
     images: Optional[list[str]] = Field(default=None, description="The generated images, base64 PNG with infotext")
     parameters: dict
@@ -231,7 +240,8 @@ class Api:
         self.credentials = {u: p for u, p in (auth or [])}
         self.Txt2ImgRequest = build_request_model("txt2img", "StableDiffusionProcessingTxt2Img")
         dependencies = [Depends(self.auth)] if self.credentials else []
-        router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies, tags=["sdapi"])
+        errors = {code: {"model": ErrorResponse} for code in (401, 404, 405, 422)}
+        router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies, tags=["sdapi"], responses=errors)
         Txt2Img = self.Txt2ImgRequest
 
         def txt2img(req: Txt2Img) -> TextToImageResponse:  # type: ignore[valid-type]
@@ -265,8 +275,22 @@ class Api:
         router.add_api_route("/scripts", self.get_scripts_list, methods=["GET"])
         router.add_api_route("/prompt-styles", self.get_prompt_styles, methods=["GET"])
         router.add_api_route("/sd-vae", self.get_sd_vaes, methods=["GET"])
+        router.add_api_route("/refresh-vae", self.refresh_vae, methods=["POST"])
+        router.add_api_route("/hypernetworks", lambda: [], methods=["GET"])  # no hypernetworks in this project
+        router.add_api_route("/face-restorers", lambda: [], methods=["GET"])  # none installed (see /interrogate)
+        router.add_api_route("/realesrgan-models", lambda: [], methods=["GET"])
+        router.add_api_route("/extensions", lambda: [], methods=["GET"])  # no extension mechanism
+        router.add_api_route("/script-info", self.get_script_info, methods=["GET"])
+        router.add_api_route("/memory", self.get_memory, methods=["GET"])
+        router.add_api_route("/unload-checkpoint", self.unload_checkpoint, methods=["POST"])
+        router.add_api_route("/reload-checkpoint", self.reload_checkpoint, methods=["POST"])
+        router.add_api_route("/interrogate", self.interrogate, methods=["POST"])
+        if getattr(ctx.args, "api_server_stop", False):
+            for name in ("server-kill", "server-restart", "server-stop"):
+                router.add_api_route(f"/{name}", self.server_stop, methods=["POST"])
         app.include_router(router)
         install_error_handlers(app)
+        install_method_check(app, router)
         if log:
             install_api_log(app)
 
@@ -406,7 +430,65 @@ class Api:
         return []
 
     def get_sd_vaes(self) -> list:
-        return []
+        return [v.api() for v in self.ctx.vaes]
+
+    def refresh_vae(self) -> None:
+        self.ctx.refresh_vaes()
+
+    def get_script_info(self) -> list[dict]:
+        """AUTOMATIC1111's script list with each script's arguments (here: the X/Y/Z plot's named ones)."""
+        from modules.scripts import xyz_grid
+
+        defaults = xyz_grid.XYZArgs()
+        args = [{"label": name, "value": getattr(defaults, name, None), "minimum": None, "maximum": None,
+                 "step": None, "choices": xyz_grid.AXIS_NAMES if name.endswith("_type") else None}
+                for name in jobs.XYZ_ARGUMENTS]
+        return [{"name": XYZ_PLOT.lower(), "is_alwayson": False, "is_img2img": False, "args": args}]
+
+    def get_memory(self) -> dict:
+        """RAM and CUDA figures in AUTOMATIC1111's shape (bytes)."""
+        import psutil
+        import torch
+
+        vm = psutil.virtual_memory()
+        ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}
+        if not torch.cuda.is_available():
+            return {"ram": ram, "cuda": {"error": "CUDA is not available on this server"}}
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+
+        def pair(name):
+            return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+        return {"ram": ram, "cuda": {
+            "system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
+            "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
+            "inactive": pair("inactive_split_bytes"),
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}}
+
+    def unload_checkpoint(self) -> dict:
+        self.ctx.unload_model()
+        return {}
+
+    def reload_checkpoint(self) -> dict:
+        self.ctx.reload_model()
+        return {}
+
+    def interrogate(self, req: dict[str, Any]) -> JSONResponse:
+        """Interrogation needs models this project does not ship: say which and where they would go."""
+        return JSONResponse(status_code=501, content={
+            "error": "NotImplemented", "field": "model",
+            "detail": "Interrogation (CLIP interrogator, DeepBooru) needs models this project does not ship and "
+                      "cannot download; no interrogator is installed on this server."})
+
+    def server_stop(self, request: Request) -> dict:
+        """--api-server-stop: stop the server (kill, restart and stop all stop it: there is no launcher to restart)."""
+        import os
+        import signal
+        import threading
+
+        threading.Timer(0.2, os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+        return {}
 
 
 def _state_dict(state: JobState | None, idle: bool = False) -> dict:
@@ -434,6 +516,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+
+
+def install_method_check(app: FastAPI, router: APIRouter) -> None:
+    """A known /sdapi/v1 path with the wrong method is a 405 naming the allowed ones (the page mounted
+    at / would otherwise answer 404 for it)."""
+    allowed: dict[str, set[str]] = {}
+    for route in router.routes:
+        allowed.setdefault(route.path, set()).update(route.methods or ())
+
+    @app.middleware("http")
+    async def method_not_allowed(request: Request, call_next):
+        methods = allowed.get(request.url.path)
+        if methods and request.method not in methods and not (request.method == "HEAD" and "GET" in methods):
+            return JSONResponse(status_code=405, headers={"Allow": ", ".join(sorted(methods))},
+                                content={"error": "MethodNotAllowed", "field": None,
+                                         "detail": f"{request.method} is not allowed here; use {', '.join(sorted(methods))}"})
+        return await call_next(request)
 
 
 def install_api_log(app: FastAPI) -> None:

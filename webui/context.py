@@ -1,33 +1,26 @@
-"""What the UI and the API share: the loaded model, the one-job-at-a-time queue, the running job.
+"""What the UI and the API share: the loaded model, the options, the one-job-at-a-time queue, the running job.
 
 There is one `WebUIContext` per server, created by app.py and handed to the UI and the API;
 each job brings its own JobState, so progress, previews and interrupt stay per job. The
 queue is `queue_lock`: a job from the UI and one from the API wait for each other, and
 `current_state` is always the job that holds the lock (the one progress and interrupt see).
+The options are AUTOMATIC1111's full set (modules/options.py), persisted in
+`--ui-settings-file`; the VAE the `sd_vae` option names is applied to every model loaded.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
-from modules import processing, sd_models
-from modules.errors import InvalidParameter
+from modules import options as options_module
+from modules import processing, sd_models, sd_vae
+from modules.errors import InvalidParameter, UserError
 from modules.job_state import JobState
 from modules.processing import Processed
 from modules.sd_samplers_common import AfterSampleHook
 
-# Options of AUTOMATIC1111's settings that this server knows, with their defaults. Only these
-# are served by GET /sdapi/v1/options and accepted by POST; the others are ignored, as
-# AUTOMATIC1111 ignores keys it does not know.
-DEFAULT_OPTIONS = {
-    "sd_model_checkpoint": None,  # title of the loaded checkpoint; setting it switches the model
-    "sd_checkpoint_hash": None,  # read-only: sha256 of the loaded checkpoint
-    "CLIP_stop_at_last_layers": 1,  # the default clip skip of jobs that do not set one
-    "samples_save": True,  # the UI saves its images (the API follows each request's save_images)
-    "samples_format": "png",  # read-only
-    "outdir_txt2img_samples": None,  # read-only: --outdir-samples
-}
-READ_ONLY_OPTIONS = {"sd_checkpoint_hash", "samples_format", "outdir_txt2img_samples"}
+log = logging.getLogger("webui")
 
 
 class WebUIContext:
@@ -37,12 +30,19 @@ class WebUIContext:
         self.queue_lock = threading.Lock()  # one generation at a time on the model
         self.current_state: JobState | None = None  # the running job, for the progress and interrupt APIs
         self.current_model: sd_models.SDModel | None = None  # the model it runs on (for its previews)
-        self.options = dict(DEFAULT_OPTIONS)
-        self.options["outdir_txt2img_samples"] = str(getattr(args, "outdir_samples", "") or "")
+        self.settings_file = getattr(args, "ui_settings_file", None)
+        defaults = {"outdir_txt2img_samples": str(getattr(args, "outdir_samples", "") or "")}
+        self.options = (options_module.Options.from_file(self.settings_file, defaults) if self.settings_file
+                        else options_module.Options(defaults))
+        for problem in filter(None, [self.options.load_error, *self.options.load_warnings]):
+            log.warning("settings: %s", problem)
         self._checkpoints: list[sd_models.CheckpointInfo] | None = None
         self.checkpoint: sd_models.CheckpointInfo | None = None  # the loaded model's entry
+        self.unloaded_path: Path | None = None  # the checkpoint unload-checkpoint freed, for reload-checkpoint
+        self.vaes = self.refresh_vaes()
         if model is not None:
             self.checkpoint = self._info_for_path(Path(model.path))
+            self._model_loaded(model)
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_dirs(self) -> list[Path]:
@@ -106,36 +106,93 @@ class WebUIContext:
         model = sd_models.switch_model(self.model, path, **self.load_kwargs())
         self.model = model
         self.checkpoint = self._info_for_path(path)
+        self._model_loaded(model)
         return model
+
+    def _model_loaded(self, model: sd_models.SDModel) -> None:
+        """A model was loaded: record it in the options and give it the VAE the `sd_vae` option names
+        (one that does not fit this model is reported, and the checkpoint's own VAE serves)."""
+        if self.checkpoint is not None and model is self.model:
+            self.options.record("sd_model_checkpoint", self.checkpoint.title)
+            self.options.record("sd_checkpoint_hash", self.checkpoint.sha256)
+        try:
+            self.apply_vae(model)
+        except UserError as e:
+            log.warning("VAE: %s (the checkpoint's own VAE is used)", e)
+
+    def apply_vae(self, model: sd_models.SDModel) -> None:
+        sd_vae.apply_vae_setting(model, self.options.get("sd_vae"), self.vaes,
+                                 vae_path=getattr(self.args, "vae_path", None),
+                                 overrides_per_model=self.options.get("sd_vae_overrides_per_model_preferences", True),
+                                 allow_pickle=bool(getattr(self.args, "allow_pickle_checkpoints", False)))
+
+    def unload_model(self) -> None:
+        """Free the model (AUTOMATIC1111's unload-checkpoint); jobs are refused until one is loaded again."""
+        with self.queue_lock:
+            if self.model is not None:
+                sd_models.unload_model(self.model)
+            if self.model is not None:
+                self.unloaded_path = Path(self.model.path)
+            self.model = None
+
+    def reload_model(self) -> None:
+        """Load the checkpoint again (after unload-checkpoint, or to re-read its file)."""
+        path = Path(self.model.path) if self.model is not None else self.unloaded_path
+        if path is None:
+            raise InvalidParameter("No checkpoint to reload", field="sd_model_checkpoint")
+        with self.queue_lock:
+            self._switch(path)
+
+    # -- VAEs --------------------------------------------------------------------------------
+    def refresh_vaes(self) -> list:
+        self.vaes = sd_vae.list_vaes(sd_vae.vae_dirs_from_args(self.args), self.checkpoint_dirs())
+        return self.vaes
 
     # -- options -----------------------------------------------------------------------------
     def get_options(self) -> dict:
-        opts = dict(self.options)
-        if self.checkpoint is not None:
-            opts["sd_model_checkpoint"] = self.checkpoint.title
-            opts["sd_checkpoint_hash"] = self.checkpoint.sha256
-        return opts
+        return self.options.get_all()
 
     def set_options(self, values: dict) -> None:
-        """Apply the known options (unknown and read-only keys are ignored, as AUTOMATIC1111 does)."""
-        clip = values.get("CLIP_stop_at_last_layers")
-        if clip is not None:
-            if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not float(clip).is_integer() \
-                    or not 1 <= clip <= processing.LIMITS["clip_skip"][1]:
-                raise InvalidParameter(f"CLIP_stop_at_last_layers must be a whole number between 1 and "
-                                       f"{processing.LIMITS['clip_skip'][1]}, got {clip!r}",
-                                       field="CLIP_stop_at_last_layers")
-        if "samples_save" in values and not isinstance(values["samples_save"], bool):
-            raise InvalidParameter("samples_save must be true or false", field="samples_save")
-        name = values.get("sd_model_checkpoint")
-        if name is not None:
-            if not isinstance(name, str):
-                raise InvalidParameter("sd_model_checkpoint must be a checkpoint title", field="sd_model_checkpoint")
-            self.load_checkpoint(name)
-        if clip is not None:
-            self.options["CLIP_stop_at_last_layers"] = int(clip)
-        if "samples_save" in values:
-            self.options["samples_save"] = values["samples_save"]
+        """Write options (all or nothing): a bad value is a 422 naming the key and nothing changes; an
+        unknown checkpoint or VAE a 404; a checkpoint that fails to load a 422 with the old one serving."""
+        if not isinstance(values, dict):
+            raise InvalidParameter("the options must be an object of key: value", field="options")
+        with self.queue_lock:
+            changes = self.options.validate(values, is_api=True)
+            name = changes.get("sd_model_checkpoint")
+            info = self.find_checkpoint(name) if isinstance(name, str) else None
+            if "sd_vae" in changes:
+                sd_vae.validate_setting(changes["sd_vae"], self.vaes)
+            switched = info is not None and not self.is_current(info)
+            old_vae = (self.options.get("sd_vae"), self.options.get("sd_vae_overrides_per_model_preferences"))
+            if switched:
+                self._switch_model_only(Path(info.path))
+            self.options.set(changes, is_api=True)
+            vae_changed = old_vae != (self.options.get("sd_vae"),
+                                      self.options.get("sd_vae_overrides_per_model_preferences"))
+            if (switched or vae_changed) and self.model is not None:
+                try:
+                    self.apply_vae(self.model)
+                except UserError:
+                    if vae_changed:  # the old VAE keeps serving, and the option says so
+                        self.options.set({"sd_vae": old_vae[0]}, is_api=True)
+                    raise
+            if self.checkpoint is not None:
+                self.options.record("sd_model_checkpoint", self.checkpoint.title)
+                self.options.record("sd_checkpoint_hash", self.checkpoint.sha256)
+            self.save_options()
+
+    def _switch_model_only(self, path: Path) -> None:
+        model = sd_models.switch_model(self.model, path, **self.load_kwargs())
+        self.model, self.checkpoint = model, self._info_for_path(path)
+
+    def save_options(self) -> None:
+        if not self.settings_file:
+            return
+        try:
+            self.options.save(self.settings_file)
+        except OSError as e:
+            log.warning("settings not saved to %s: %s", self.settings_file, e)
 
     # -- jobs --------------------------------------------------------------------------------
     def outdir(self, kind: str) -> Path:
@@ -159,6 +216,10 @@ class WebUIContext:
                     model = self._switch(Path(job.checkpoint.path))
                 else:
                     model = sd_models.load_model(job.checkpoint.path, **self.load_kwargs())
+                    self._model_loaded(model)
+            if model is None:
+                raise InvalidParameter("No model is loaded: POST /sdapi/v1/reload-checkpoint or pick a checkpoint",
+                                       field="sd_model_checkpoint")
             self.current_state, self.current_model = state, model
             try:
                 run = job.script.run if job.script is not None else processing.process_images
