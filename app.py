@@ -69,8 +69,25 @@ def try_share_link(server, args) -> None:
               f"http://{host_of(args)}:{args.port}", flush=True)
 
 
+def private_gradio_dir() -> str:
+    """Gradio's upload and cache folder for this server alone: mode 0700 under the project's cache/,
+    removed at exit. (Gradio's default, /tmp/gradio, is shared by every process on the machine, and
+    it serves any file in it.)"""
+    import atexit
+    import shutil
+    import tempfile
+
+    root = cmd_args.REPO / "cache"
+    root.mkdir(exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="gradio-", dir=root)  # created 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     args = cmd_args.parse_args(argv)
+    if not args.nowebui:
+        os.environ["GRADIO_TEMP_DIR"] = private_gradio_dir()  # before gradio is imported
     if args.nowebui:
         args.api = True
     for flag in ("api_auth", "gradio_auth"):

@@ -25,6 +25,7 @@ class JobState:
     textinfo: str | None = None
     time_start: float | None = None
     current_step_info: Any = None  # the last StepInfo seen (latents stay on the model's device)
+    owner: str | None = None  # who sent the job ("api:<user>", "page:<session>"): progress shows a job to its owner
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def begin(self, job: str, job_count: int) -> None:

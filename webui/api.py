@@ -11,6 +11,7 @@ sampler or checkpoint).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -27,6 +28,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from starlette.concurrency import run_in_threadpool
 from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
 
@@ -65,6 +67,7 @@ API_FIELDS: dict[str, tuple[Any, Any, str]] = {
 }
 
 SAMPLER_NOT_FOUND = "Sampler not found"
+DISCONNECT_POLL = 0.5  # seconds between checks that a job's client is still there
 PREVIEW_MAX_SIDE = 1024
 
 
@@ -244,10 +247,10 @@ class Api:
         router = APIRouter(prefix="/sdapi/v1", dependencies=dependencies, tags=["sdapi"], responses=errors)
         Txt2Img = self.Txt2ImgRequest
 
-        def txt2img(req: Txt2Img) -> TextToImageResponse:  # type: ignore[valid-type]
-            return self.text2imgapi(req)
+        async def txt2img(req: Txt2Img, request: Request) -> TextToImageResponse:  # type: ignore[valid-type]
+            return await self.text2imgapi(req, request)
 
-        txt2img.__annotations__ = {"req": Txt2Img, "return": TextToImageResponse}  # a real class, not a string
+        txt2img.__annotations__ = {"req": Txt2Img, "request": Request, "return": TextToImageResponse}
         router.add_api_route("/txt2img", txt2img, methods=["POST"], response_model=TextToImageResponse)
         from webui import compare
 
@@ -255,10 +258,11 @@ class Api:
             str, Field(default="no negative", description="'no negative' (rerun with the negative prompt empty) or "
                                                           "a guidance rule: " + ", ".join(compare.compare_modes()[1:]))))
 
-        def txt2img_compare(req: Txt2ImgCompare) -> TextToImageCompareResponse:  # type: ignore[valid-type]
-            return self.text2img_compare_api(req)
+        async def txt2img_compare(req: Txt2ImgCompare, request: Request) -> TextToImageCompareResponse:  # type: ignore[valid-type]
+            return await self.text2img_compare_api(req, request)
 
-        txt2img_compare.__annotations__ = {"req": Txt2ImgCompare, "return": TextToImageCompareResponse}
+        txt2img_compare.__annotations__ = {"req": Txt2ImgCompare, "request": Request,
+                                           "return": TextToImageCompareResponse}
         router.add_api_route("/txt2img-compare", txt2img_compare, methods=["POST"],
                              response_model=TextToImageCompareResponse)
         router.add_api_route("/progress", self.progressapi, methods=["GET"], response_model=ProgressResponse)
@@ -307,23 +311,45 @@ class Api:
         """The request as a job of the one job layer (checked before it queues)."""
         return jobs.make_job(kind, request_dict(req), self.ctx)
 
-    def text2imgapi(self, req: BaseModel) -> dict:
-        job = self.job("txt2img", req)
-        processed = jobs.run_job(self.ctx, job, JobState())
+    def caller(self, request: Request) -> str:
+        """Who sent a request: `api:<user>` with --api-auth, else `api:` (every caller is the same anonymous one)."""
+        if not self.credentials:
+            return "api:"
+        try:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            user = base64.b64decode(token).decode().partition(":")[0] if scheme.lower() == "basic" else ""
+        except (binascii.Error, UnicodeDecodeError):
+            user = ""
+        return f"api:{user}"
+
+    async def run(self, request: Request, job: jobs.Job):
+        """Run a job off the event loop; a client that goes away cancels it (while it waits) or interrupts it."""
+        state = JobState(owner=self.caller(request))
+        task = asyncio.ensure_future(run_in_threadpool(jobs.run_job, self.ctx, job, state))
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL)
+            if not task.done() and not state.interrupted and await request.is_disconnected():
+                state.interrupt()
+        return await task
+
+    async def text2imgapi(self, req: BaseModel, request: Request) -> dict:
+        job = await run_in_threadpool(self.job, "txt2img", req)  # parsing and checks off the event loop
+        processed = await self.run(request, job)
         images = [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)] \
             if job.send_images else []
         return {"images": images, "parameters": _jsonable(req.model_dump()), "info": json.dumps(processed.js())}
 
-    def text2img_compare_api(self, req: BaseModel) -> dict:
+    async def text2img_compare_api(self, req: BaseModel, request: Request) -> dict:
         """The job, then the same seeds and settings with the negative prompt empty (or another guidance rule)."""
         from webui import compare
 
-        first, second = jobs.compare_jobs(self.job("txt2img", req), req.model_dump().get("compare_with"))
-        processed = jobs.run_job(self.ctx, first, JobState())
-        other = jobs.run_job(self.ctx, second, JobState())
+        compare_with = req.model_dump().get("compare_with")
+        first, second = await run_in_threadpool(lambda: jobs.compare_jobs(self.job("txt2img", req), compare_with))
+        processed = await self.run(request, first)
+        other = await self.run(request, second)
         pairs = list(zip(processed.images, other.images))
         return {
-            "compare_with": compare.resolve_mode(req.model_dump().get("compare_with")),
+            "compare_with": compare.resolve_mode(compare_with),
             "images": [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)],
             "images_compare": [encode_pil_to_base64(im, text) for im, text in zip(other.images, other.infotexts)],
             "differences": [encode_pil_to_base64(compare.difference(a, b), None) for a, b in pairs],
@@ -334,12 +360,19 @@ class Api:
         }
 
     # -- progress, interrupt, skip -------------------------------------------------------------
-    async def progressapi(self, skip_current_image: bool = False) -> dict:
-        """A coroutine, like interrupt: it answers even while queued requests hold every worker thread."""
+    async def progressapi(self, request: Request, skip_current_image: bool = False) -> dict:
+        """A coroutine, like interrupt: it answers even while queued requests hold every worker thread.
+
+        With --api-auth a caller sees its own running job only; anyone else's (another API
+        user's, a page user's) shows as busy, without its preview or prompt.
+        """
         state = self.ctx.current_state
         if state is None or not state.job:
             return {"progress": 0.0, "eta_relative": 0.0, "state": _state_dict(state, idle=True),
                     "current_image": None, "textinfo": None}
+        if self.credentials and state.owner != self.caller(request):
+            return {"progress": 0.0, "eta_relative": 0.0, "state": {**_state_dict(None, idle=True), "job": "busy"},
+                    "current_image": None, "textinfo": "Busy with another user's job"}
         progress, eta = state.progress()
         current_image = None
         info = state.current_step_info
@@ -370,15 +403,15 @@ class Api:
 
     # interrupt and skip are coroutines: they must answer even when every worker thread is
     # taken by requests waiting in the queue
-    async def interruptapi(self) -> dict:
+    async def interruptapi(self, request: Request) -> dict:
         state = self.ctx.current_state
-        if state is not None:
+        if state is not None and (not self.credentials or state.owner == self.caller(request)):
             state.interrupt()
         return {}
 
-    async def skipapi(self) -> dict:
+    async def skipapi(self, request: Request) -> dict:
         state = self.ctx.current_state
-        if state is not None:
+        if state is not None and (not self.credentials or state.owner == self.caller(request)):
             state.skip()
         return {}
 

@@ -79,7 +79,8 @@ class GenerateHandler:
                                               recorder=recorder)
         inspected = inspector.InspectedJob(p, recorder, lambda: recorder.model or self.ctx.model,
                                            script=job.script.name if job.script is not None else None)
-        key, state = session_key(request), JobState()
+        key = session_key(request)
+        state = JobState(owner=f"page:{key}")
         job_dir = self.work_root / uuid.uuid4().hex
         if not self.sessions.start(key, state, job_dir):
             user_error(t.kind, "Your previous job is still running: wait for it or interrupt it")

@@ -100,7 +100,8 @@ class InspectorHandlers:
             yield {t.compare_info: error_html(message)}
             return
         label = compare.label_for(mode)
-        key, state = session_key(request), JobState()
+        key = session_key(request)
+        state = JobState(owner=f"page:{key}")
         if not self.sessions.start(key, state):  # one job per session; Interrupt stops this one too
             message = "Your previous job is still running: wait for it or interrupt it"
             user_error("compare", message)
