@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         sys.exit(f"Cannot start: {e}")
     ctx = WebUIContext(args, model)
+    # the model's UNet speed, for job estimates and --max-job-seconds: measured once, beside the start-up
+    threading.Thread(target=ctx.unet_speed, name="measure-unet", daemon=True).start()
     app = create_app(ctx, args)
 
     import uvicorn

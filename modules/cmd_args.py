@@ -7,6 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CKPT_DIR = REPO / "models" / "Stable-diffusion"
 DEFAULT_MODEL = DEFAULT_CKPT_DIR / "tiny-shapes"
+SHARED_MAX_JOB_SECONDS = 600.0  # --max-job-seconds of a server others can reach (--listen, --share)
 DEFAULT_VAE_DIR = REPO / "models" / "VAE"
 DEFAULT_SETTINGS_FILE = REPO / "config.json"
 
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nowebui", action="store_true", help="serve the API only")
     p.add_argument("--api-auth", default=None, help='HTTP Basic auth for the API: "user:pass[,user2:pass2]"')
     p.add_argument("--api-log", action="store_true", help="log every API request")
+    p.add_argument("--max-job-seconds", type=float, default=None,
+                   help="refuse jobs estimated to take longer (seconds of UNet work on this server); default: off, "
+                        f"{SHARED_MAX_JOB_SECONDS:g} with --listen or --share; 0 turns it off")
     p.add_argument("--api-server-stop", action="store_true",
                    help="enable /sdapi/v1/server-kill, server-restart and server-stop (off by default, as AUTOMATIC1111)")
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint to load at start (default: the embedded model)")
@@ -61,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.styles_file = [str(REPO / "styles.csv")]
     if args.port is None:
         args.port = 7861 if args.nowebui else 7860
+    if args.max_job_seconds is None and (args.listen or args.share):
+        args.max_job_seconds = SHARED_MAX_JOB_SECONDS
     if not 0 < args.port < 65536:
         raise SystemExit(f"--port must be between 1 and 65535, got {args.port}")
     return args

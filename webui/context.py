@@ -39,6 +39,7 @@ class WebUIContext:
         self._checkpoints: list[sd_models.CheckpointInfo] | None = None
         self.checkpoint: sd_models.CheckpointInfo | None = None  # the loaded model's entry
         self.unloaded_path: Path | None = None  # the checkpoint unload-checkpoint freed, for reload-checkpoint
+        self._speed = None  # (model, job_cost.UnetSpeed) once measured
         self.vaes = self.refresh_vaes()
         if model is not None:
             self.checkpoint = self._info_for_path(Path(model.path))
@@ -142,6 +143,41 @@ class WebUIContext:
             raise InvalidParameter("No checkpoint to reload", field="sd_model_checkpoint")
         with self.queue_lock:
             self._switch(path)
+
+    # -- cost ----------------------------------------------------------------------------------
+    def unet_speed(self):
+        """The loaded model's measured UNet speed (modules/job_cost.py), measured once per model, between jobs."""
+        from modules import job_cost
+
+        model = self.model
+        if model is None:
+            return None
+        if self._speed is None or self._speed[0] is not model:
+            with self.queue_lock:
+                if self._speed is None or self._speed[0] is not self.model:
+                    self._speed = (self.model, job_cost.measure(self.model))
+        return self._speed[1]
+
+    def known_unet_speed(self):
+        """The loaded model's UNet speed if already measured, else None (never waits)."""
+        speed = self._speed
+        return speed[1] if speed is not None and speed[0] is self.model else None
+
+    def check_cost(self, p, runs: int = 1) -> float | None:
+        """Refuse a job (of `runs` runs of `p`, for a script) over --max-job-seconds: a 422 naming the
+        limit. Returns the estimate in seconds, or None when no limit is set."""
+        from modules import job_cost
+
+        limit = getattr(self.args, "max_job_seconds", None)
+        if not limit or self.model is None:
+            return None
+        seconds = runs * job_cost.estimate_seconds(p, self.model, self.unet_speed())
+        if seconds > limit:
+            raise InvalidParameter(
+                f"This job would take about {job_cost.describe(seconds)} on this server, over its limit of "
+                f"{job_cost.describe(limit)} per job (--max-job-seconds {limit:g}): lower the size, steps or "
+                f"batch", field="max_job_seconds")
+        return seconds
 
     # -- VAEs --------------------------------------------------------------------------------
     def refresh_vaes(self) -> list:

@@ -178,7 +178,7 @@ def eta_from_options(sampler: str, options: dict) -> float | None:
 
 # -- the job -----------------------------------------------------------------------------------
 
-def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler") -> Job:
+def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler", check_cost: bool = True) -> Job:
     """The job a request describes, checked before it queues (raises UserError: 4xx, nothing changed).
 
     `request` holds only what the client set (JSON field names); `ctx` gives the options,
@@ -230,6 +230,8 @@ def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler")
     script = make_script(request, p)
     if ctx.model is not None:
         processing.validate(p, ctx.model)
+    if check_cost and hasattr(ctx, "check_cost"):  # --max-job-seconds
+        ctx.check_cost(p, runs=script.runs if script is not None else 1)
     keep = request.get("override_settings_restore_afterwards", True) is False
     return Job(kind, p, script, checkpoint, keep, send_images=send is not False)
 

@@ -202,3 +202,21 @@ def token_counter(model, text: str, steps: int = 20, positive: bool = True) -> s
     except Exception as e:  # a counter must never break typing
         log.warning("token count failed: %s: %s", type(e).__name__, e)
         return ""
+
+
+SHOW_ESTIMATE_FROM = 5.0  # seconds: faster jobs need no warning
+
+
+def estimate_html(ctx, job) -> str:
+    """`About 2 min on this server` under Generate when a job will take a while (slow devices, big jobs)."""
+    from modules import job_cost
+
+    speed = ctx.known_unet_speed()
+    if speed is None or ctx.model is None:
+        return ""
+    seconds = job.runs // max(job.p.n_iter, 1) * job_cost.estimate_seconds(job.p, ctx.model, speed)
+    if seconds < SHOW_ESTIMATE_FROM:
+        return ""
+    limit = getattr(ctx.args, "max_job_seconds", None)
+    over = f" (over this server's limit of {job_cost.describe(limit)})" if limit and seconds > limit else ""
+    return f'<div class="sdneg-estimate">About {job_cost.describe(seconds)} on this server{over}</div>'

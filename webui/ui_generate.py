@@ -26,11 +26,11 @@ from webui.ui_inspector import InspectorHandlers
 from webui.ui_job_tab import JobTab
 
 
-def page_job(ctx, values: dict[str, Any], kind: str = "txt2img") -> jobs.Job:
+def page_job(ctx, values: dict[str, Any], kind: str = "txt2img", check_cost: bool = True) -> jobs.Job:
     """The page's inputs -> the job, through the same job layer as the API."""
     if ctx.model is None:
         raise UserError("No model is loaded: pick a checkpoint")
-    return jobs.make_job(kind, jobs.page_request(values, ctx.options), ctx)
+    return jobs.make_job(kind, jobs.page_request(values, ctx.options), ctx, check_cost=check_cost)
 
 
 def reached(recorder: inspector.TrajectoryRecorder, steps: int) -> str:
@@ -199,7 +199,21 @@ def wire_job_tab(ctx, tab: JobTab, sessions, inspections, work_root: Path) -> Ge
 
     tab.reuse_seed.click(reuse, [tab.last_job, tab.selected], f["seed"], queue=False, show_progress="hidden")
 
-    from webui.ui_common import token_counter
+    from webui.ui_common import estimate_html, token_counter
+
+    def estimate(*values):
+        """The job's cost before Generate, from the same job the click would make (nothing if it is invalid)."""
+        try:
+            job = page_job(ctx, dict(zip(handler.field_names, values)), tab.kind, check_cost=False)
+        except UserError:
+            return ""
+        return estimate_html(ctx, job)
+
+    cost_inputs = [f[n] for n in ("steps", "width", "height", "batch_size", "n_iter", "sampler_name", "guidance",
+                                  "cfg_scale") if n in f]
+    for control in cost_inputs:
+        control.change(estimate, [f[n] for n in handler.field_names], tab.estimate, queue=False,
+                       show_progress="hidden", trigger_mode="always_last")
 
     for box, counter, positive in ((f["prompt"], tab.prompt_tokens, True),
                                    (f["negative_prompt"], tab.negative_tokens, False)):

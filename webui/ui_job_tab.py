@@ -62,6 +62,7 @@ def build_job_tab(ctx, kind: str) -> JobTab:
             c["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{kind}_generate",
                                       elem_classes="sdneg-generate")
             c["interrupt"] = gr.Button("Interrupt", elem_id=f"{kind}_interrupt", elem_classes="sdneg-generate")
+            c["estimate"] = gr.HTML("", elem_id=f"{kind}_estimate", padding=False)
 
     with gr.Row(elem_classes="sdneg-wrap"):
         with gr.Column(scale=1, elem_id=f"{kind}_settings"):
