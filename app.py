@@ -98,8 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         sys.exit(f"Cannot start: {e}")
     ctx = WebUIContext(args, model)
-    # the model's UNet speed, for job estimates and --max-job-seconds: measured once, beside the start-up
-    threading.Thread(target=ctx.unet_speed, name="measure-unet", daemon=True).start()
+    # the model's UNet speed, for job estimates and --max-job-seconds: measured once, before serving when a
+    # limit is set (so no request waits for it), else beside the start-up
+    if args.max_job_seconds:
+        ctx.unet_speed()
+    else:
+        threading.Thread(target=ctx.unet_speed, name="measure-unet", daemon=True).start()
     app = create_app(ctx, args)
 
     import uvicorn

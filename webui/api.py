@@ -390,7 +390,9 @@ class Api:
             rgb = sd_vae_approx.latents_to_rgb(model, latents)
             cols = int(len(rgb) ** 0.5 + 0.999999)
             # image size, but the grid at most PREVIEW_MAX_SIDE pixels wide: this runs on the event loop
-            scale = max(1, min(model.vae_scale_factor, PREVIEW_MAX_SIDE // max(1, cols * rgb.shape[-1])))
+            # (the cheap preview may already be at image size: the model's own preview decoder)
+            up = max(1, latents.shape[-1] * model.vae_scale_factor // rgb.shape[-1])
+            scale = max(1, min(up, PREVIEW_MAX_SIDE // max(1, cols * rgb.shape[-1])))
             size = (rgb.shape[-1] * scale, rgb.shape[-2] * scale)
             tiles = sd_vae_approx.to_pil(rgb, size)
         except Exception:  # a preview must never fail the progress call
@@ -507,12 +509,10 @@ class Api:
         self.ctx.reload_model()
         return {}
 
-    def interrogate(self, req: dict[str, Any]) -> JSONResponse:
-        """Interrogation needs models this project does not ship: say which and where they would go."""
-        return JSONResponse(status_code=501, content={
-            "error": "NotImplemented", "field": "model",
-            "detail": "Interrogation (CLIP interrogator, DeepBooru) needs models this project does not ship and "
-                      "cannot download; no interrogator is installed on this server."})
+    def interrogate(self, req: dict[str, Any]) -> None:
+        """Interrogation needs models this project does not ship: a 422 that says which and why."""
+        raise InvalidParameter("Interrogation (CLIP interrogator, DeepBooru) needs models this project does not ship "
+                               "and cannot download: no interrogator is installed on this server", field="model")
 
     def server_stop(self, request: Request) -> dict:
         """--api-server-stop: stop the server (kill, restart and stop all stop it: there is no launcher to restart)."""
