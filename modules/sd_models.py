@@ -41,6 +41,20 @@ CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 SD1_LATENT_RGB = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
 SDXL_LATENT_RGB = [[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250], [0.1074, 0.0886, -0.0163],
                    [-0.3730, -0.2499, -0.2088]]
+# SD3's 16-channel latents (AUTOMATIC1111's sd_vae_approx.cheap_approximation). A1111 adds no bias to any of
+# them and uses SD 1.x's factors for SD 2.x (the same VAE).
+SD3_LATENT_RGB = [[-0.0645, 0.0177, 0.1052], [0.0028, 0.0312, 0.0650], [0.1848, 0.0762, 0.0360],
+                  [0.0944, 0.0360, 0.0889], [0.0897, 0.0506, -0.0364], [-0.0020, 0.1203, 0.0284],
+                  [0.0855, 0.0118, 0.0283], [-0.0539, 0.0658, 0.1047], [-0.0057, 0.0116, 0.0700],
+                  [-0.0412, 0.0281, -0.0039], [0.1106, 0.1171, 0.1220], [-0.0248, 0.0682, -0.0481],
+                  [0.0815, 0.0846, 0.1207], [-0.0120, -0.0055, -0.0867], [-0.0749, -0.0634, -0.0456],
+                  [-0.1418, -0.1457, -0.1259]]
+LATENT_RGB_BY_ARCH = {"sd1": SD1_LATENT_RGB, "sd2": SD1_LATENT_RGB, "sdxl": SDXL_LATENT_RGB, "sd3": SD3_LATENT_RGB}
+
+
+def default_latent_rgb(arch: str) -> tuple[list[list[float]], list[float]]:
+    """AUTOMATIC1111's "Approx cheap" (factors, bias) for an architecture; SD 1.x's for an unknown one."""
+    return LATENT_RGB_BY_ARCH.get(arch, SD1_LATENT_RGB), [0.0, 0.0, 0.0]
 
 
 class CheckpointHash:
@@ -77,14 +91,27 @@ class SDModel(CheckpointHash):
     execution_device: torch.device | None = None  # with CPU offload: where the weights run, not where they rest
     hash_cache: "HashCache | None" = None
     prediction_type_source: str = "config"  # scheduler config, yaml, metadata, unet-test or architecture
+    embedding_db: object = field(default=None, repr=False)  # textual_inversion.EmbeddingDatabase (load_model sets it)
+    lora_state: object = field(default=None, repr=False)  # extra_networks_lora.LoraState: adapters loaded into it
+    allow_pickle: bool = False  # loaded with --allow-pickle-checkpoints: pickled side files (TAESD .pth) may load too
+    vae_info: object = field(default=None, repr=False)  # sd_vae.VaeInfo swapped in by swap_vae; None: the checkpoint's own
+    base_vae: dict | None = field(default=None, repr=False)  # the checkpoint's own VAE weights (CPU) while another serves
 
+    # From the first weight: diffusers' ModelMixin.device / .dtype walk every submodule looking for
+    # group-offload and layerwise-casting hooks (~2 ms a call; the loop asks often), which this project never sets.
     @property
     def device(self) -> torch.device:
-        return self.execution_device or self.unet.device
+        return self.execution_device or next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where the VAE runs and in what dtype (SDXL's VAE may be float32 beside a float16 UNet)."""
+        weight = next(self.vae.parameters())
+        return self.execution_device or weight.device, weight.dtype
 
     @property
     def is_sdxl(self) -> bool:
@@ -107,7 +134,12 @@ class SDModel(CheckpointHash):
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.unet.config.out_channels)  # an inpainting UNet takes 4 + 5 channels in, gives 4 out
+
+    @property
+    def is_inpainting(self) -> bool:
+        """A 9-channel UNet (SD 1.5 / SDXL inpainting): it also takes [mask, masked image latents] as input."""
+        return int(self.unet.config.in_channels) == self.latent_channels + 1 + self.latent_channels
 
     @property
     def vae_scale_factor(self) -> int:
@@ -116,6 +148,33 @@ class SDModel(CheckpointHash):
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+    @cached_property
+    def preview_decoder(self) -> torch.nn.Module | None:
+        """The checkpoint's own learned latent->RGB preview decoder (`preview_decoder.safetensors` in its
+        folder, `<name>.preview_decoder.safetensors` beside a single file), which "Approx cheap" uses instead
+        of the linear `latent_rgb` map; None without one, or when the file cannot be read (then the linear
+        map, with a warning: a preview must not stop a model from loading)."""
+        from modules import sd_vae_approx
+
+        path = sd_vae_approx.find_preview_decoder(self.path)
+        if path is None:
+            return None
+        try:
+            return sd_vae_approx.load_preview_decoder(path)
+        except ValueError as e:
+            sd_vae_approx.log.warning("preview decoder ignored, using the linear latent->RGB map: %s", e)
+            return None
+
+    @property
+    def vae_name(self) -> str | None:
+        """The swapped-in VAE's file name (AUTOMATIC1111's infotext `VAE`); None for the checkpoint's own."""
+        return None if self.vae_info is None else self.vae_info.name
+
+    @property
+    def vae_hash(self) -> str | None:
+        """Its short hash, the first 10 hex digits of the file's sha256 (infotext `VAE hash`)."""
+        return None if self.vae_info is None else self.vae_info.shorthash
 
     @property
     def default_size(self) -> int:
@@ -126,13 +185,18 @@ class SDModel(CheckpointHash):
     def get_learned_conditioning(self, text: str, clip_skip: int | None = None) -> torch.Tensor:
         return self.cond_stage.encode(text, clip_skip)
 
-    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                    image_conditioning: torch.Tensor | None = None) -> torch.Tensor:
         """One UNet call; returns the raw model output (epsilon, v or x0, as the model predicts).
 
         SDXL's `cond` is a dict: the pooled text embeds and the size conditioning (`time_ids`:
         original size, crop top-left (0, 0), target size, all the image's own size in pixels, as
         diffusers' pipeline and AUTOMATIC1111 use by default) go in as added_cond_kwargs.
+        `image_conditioning` (inpainting checkpoints: [mask, masked image latents], one row per row
+        of `x`) is concatenated to `x` along the channels, diffusers' `cat([x, mask, masked])`.
         """
+        if image_conditioning is not None:
+            x = torch.cat([x, image_conditioning.to(x.device, x.dtype)], dim=1)
         if isinstance(cond, dict):
             h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=x.device, dtype=cond["vector"].dtype)
@@ -142,11 +206,28 @@ class SDModel(CheckpointHash):
         return self.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
 
     @torch.no_grad()
+    def encode_first_stage(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] -> latents as the UNet sees them, on the model's device and dtype.
+
+        The posterior's mean, not a sample of it (AUTOMATIC1111 samples with the global RNG): the
+        same picture always gives the same latent, whatever else ran before.
+        """
+        posterior = self.vae.encode(images.to(*self.vae_device_dtype), return_dict=False)[0]
+        return (posterior.mode() * self.scaling_factor).to(self.device, self.dtype)
+
+    @torch.no_grad()
     def decode_first_stage(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (as the UNet sees them) -> images in [-1, 1], float32 on the CPU."""
-        latents = latents.to(self.vae.device if self.execution_device is None else self.execution_device,
-                             self.vae.dtype) / self.scaling_factor
+        latents = latents.to(*self.vae_device_dtype) / self.scaling_factor
         return self.vae.decode(latents, return_dict=False)[0].float().cpu()
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest CLIP skip this model's text encoders can take: their number of layers."""
+        cs = self.cond_stage
+        encoders = [cs.clip_l.text_encoder, cs.clip_g.text_encoder] if isinstance(cs, SDXLTextConditioner) \
+            else [cs.text_encoder]
+        return min(e.config.num_hidden_layers for e in encoders)
 
     def modules(self) -> list[torch.nn.Module]:
         cs = self.cond_stage
@@ -248,7 +329,8 @@ def is_pickle(path: Path) -> bool:
 def load_model(path: str | Path, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, clip_skip: int = 1, *, allow_pickle: bool = False,
                offload: str | None = None, vae_dtype: torch.dtype | None = None,
-               hash_cache: HashCache | None = None) -> SDModel:
+               hash_cache: HashCache | None = None, embeddings_dir: str | Path | None = None,
+               lora_dir: str | Path | None = None) -> SDModel:
     """Load a diffusers folder or a single-file checkpoint from disk, never from a hub.
 
     On CUDA the weights are fp16 unless `dtype` says otherwise (`--no-half`, `--precision full`:
@@ -257,6 +339,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     of text encoder(s), UNet and VAE in CPU memory until it runs (accelerate's
     `cpu_offload_with_hook`, like diffusers' `enable_model_cpu_offload`); "lowvram" offloads
     layer by layer (accelerate's `cpu_offload`): slowest, least memory.
+    `embeddings_dir` (`--embeddings-dir`): the textual-inversion embeddings that fit this model are
+    loaded into `model.embedding_db` (a switch loads them again for the new model's encoders).
+    `lora_dir` (`--lora-dir`, default models/Lora): where the prompt's `<lora:name:w>` tags find their files.
     Raises ModelNotFound / ModelLoadError with a message a user can act on.
     """
     path = Path(path)
@@ -294,9 +379,14 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         cond_stage = SDXLTextConditioner(tokenizers[0], encoders[0], tokenizers[1], encoders[1], clip_skip=clip_skip)
     else:
         cond_stage = CLIPTextConditioner(tokenizers[0], encoders[0], clip_skip=clip_skip)
-    return SDModel(unet=unet, vae=vae, cond_stage=cond_stage, scheduler_config=scheduler_config, name=path.name,
-                   path=path, latent_rgb=latent_rgb, arch=arch, execution_device=execution_device,
-                   hash_cache=hash_cache, prediction_type_source=source)
+    model = SDModel(unet=unet, vae=vae, cond_stage=cond_stage, scheduler_config=scheduler_config, name=path.name,
+                    path=path, latent_rgb=latent_rgb, arch=arch, execution_device=execution_device,
+                    hash_cache=hash_cache, prediction_type_source=source, allow_pickle=allow_pickle)
+    from modules import extra_networks_lora, textual_inversion
+
+    textual_inversion.attach(model, embeddings_dir)
+    model.lora_state = extra_networks_lora.LoraState(lora_dir)
+    return model
 
 
 def _place(device: torch.device, offload: str | None, unet, vae, encoders) -> torch.device | None:
@@ -354,7 +444,7 @@ def _load_folder(path: Path, dtype: torch.dtype):
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     except Exception as e:  # corrupt or incomplete folder: say which and why
         raise ModelLoadError(f"Could not load {path.name}: {type(e).__name__}: {e}") from e
-    latent_rgb = (SDXL_LATENT_RGB if arch == "sdxl" else SD1_LATENT_RGB, [0.0, 0.0, 0.0])
+    latent_rgb = default_latent_rgb(arch)
     if (path / "latent_rgb.json").is_file():
         data = json.loads((path / "latent_rgb.json").read_text())
         latent_rgb = (data["factors"], data.get("bias", [0.0, 0.0, 0.0]))
@@ -465,7 +555,7 @@ def _load_single_file(path: Path, state_dict: dict[str, torch.Tensor]):
         v = sd_models_config.is_v_prediction_unet(unet)
         scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
     tokenizers = [_load_tokenizer(None, pad) for pad in cfg.pad_tokens]
-    latent_rgb = (SDXL_LATENT_RGB if cfg.arch == "sdxl" else SD1_LATENT_RGB, [0.0, 0.0, 0.0])
+    latent_rgb = default_latent_rgb(cfg.arch)
     return cfg.arch, unet, vae, encoders, tokenizers, scheduler_config, latent_rgb, source
 
 
@@ -485,11 +575,53 @@ def unload_model(model: SDModel | None) -> None:
     """Drop a model's weights now (a switch frees the previous checkpoint before the next job)."""
     if model is None:
         return
+    model.base_vae = None
     for module in model.modules():
         module.to("meta")
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def vae_tensors(model: SDModel) -> dict[str, torch.Tensor]:
+    """The tensors that hold the VAE's weights, by state-dict name, to read or overwrite in place.
+
+    Normally (and with medvram, whose weights rest on the CPU) the module's own parameters; with
+    lowvram's layer-by-layer offload the parameters are empty (meta) and the weights live in the
+    CPU dict accelerate's hooks copy from at each call, so that dict is the one to change.
+    """
+    for module in model.vae.modules():
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is not None and isinstance(getattr(weights_map, "dataset", None), dict):
+            return weights_map.dataset
+    return model.vae.state_dict()
+
+
+@torch.no_grad()
+def swap_vae(model: SDModel, state_dict: dict[str, torch.Tensor] | None, info=None) -> None:
+    """Serve `state_dict` (diffusers layout, already checked to fit: sd_vae.apply_vae does both) from
+    the loaded model's VAE, or with None go back to the checkpoint's own VAE without reloading it.
+
+    The weights are copied in place, so the module keeps its device, dtype and offload hooks. At
+    the first swap the checkpoint's own weights are copied to the CPU (in their dtype, so going
+    back is bit-identical) and kept until then. Call it between jobs (the context holds the queue).
+    """
+    targets = vae_tensors(model)
+    if state_dict is None:
+        if model.base_vae is not None:
+            for key, tensor in targets.items():
+                tensor.copy_(model.base_vae[key])
+        model.base_vae = None
+        model.vae_info = None
+        return
+    missing = set(targets) ^ set(state_dict)
+    if missing:
+        raise ValueError(f"VAE state dict does not match the model's VAE: {sorted(missing)[:3]}")
+    if model.base_vae is None:
+        model.base_vae = {key: tensor.detach().to("cpu", copy=True) for key, tensor in targets.items()}
+    for key, tensor in targets.items():
+        tensor.copy_(state_dict[key])
+    model.vae_info = info
 
 
 def switch_model(current: SDModel | None, path: str | Path, **load_kwargs) -> SDModel:
@@ -525,6 +657,10 @@ def load_kwargs_from_args(args) -> dict:
         kw["offload"] = "lowvram"
     elif getattr(args, "medvram", False):
         kw["offload"] = "medvram"
+    if getattr(args, "embeddings_dir", None):
+        kw["embeddings_dir"] = args.embeddings_dir
+    if getattr(args, "lora_dir", None):
+        kw["lora_dir"] = args.lora_dir
     return kw
 
 

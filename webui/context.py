@@ -195,6 +195,10 @@ class WebUIContext:
             raise InvalidParameter("the options must be an object of key: value", field="options")
         with self.queue_lock:
             changes = self.options.validate(values, is_api=True)
+            clip = changes.get("CLIP_stop_at_last_layers")
+            if clip is not None and self.model is not None and clip > self.model.max_clip_skip:
+                raise InvalidParameter(f"CLIP_stop_at_last_layers must be at most {self.model.max_clip_skip} for "
+                                       f"the loaded model, got {clip}", field="CLIP_stop_at_last_layers")
             name = changes.get("sd_model_checkpoint")
             info = self.find_checkpoint(name) if isinstance(name, str) else None
             if "sd_vae" in changes:
