@@ -72,9 +72,9 @@ def detect_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in is None or len(conv_in) != 4:
         raise ModelLoadError("unknown architecture: the UNet has no input convolution")
-    if conv_in[1] != 4:
+    if conv_in[1] not in (4, 9):  # 9: inpainting (4 latent + 1 mask + 4 masked-image latent channels)
         raise ModelLoadError(f"unsupported architecture: the UNet takes {conv_in[1]} input channels "
-                             "(inpainting / instruct-pix2pix models are not supported for txt2img)")
+                             "(instruct-pix2pix and other image-conditioned models are not supported)")
     if VAE + "decoder.conv_in.weight" not in shapes:
         raise ModelLoadError("the checkpoint has no VAE (first_stage_model.*); a UNet-only file is not supported")
     has = lambda prefix: any(k.startswith(prefix) for k in shapes)  # noqa: E731
@@ -231,6 +231,8 @@ def build_configs(shapes: dict[str, tuple[int, ...]], path: Path,
             encoders = [clip_config(read_config(folder, "text_encoder"), shapes, CLIP_L_SDXL),
                         openclip_config(read_config(folder, "text_encoder_2"), shapes, OPENCLIP_SDXL, False)]
             pads = ["<|endoftext|>", "!"]
+        if shapes[UNET + "input_blocks.0.0.weight"][1] == 9:  # SD 1.5 / SDXL inpainting: their own shipped configs
+            folder = {"sd15": "sd15-inpainting", "sdxl-base": "sdxl-inpainting"}.get(folder, folder)
         unet = unet_config(arch, read_config(folder, "unet"), shapes)
         vae = vae_config(read_config(folder, "vae"), shapes)
     except (KeyError, IndexError) as e:

@@ -7,6 +7,9 @@ ensure_venv() {
     if ! cat requirements*.txt 2>/dev/null | cmp -s - "$stamp"; then
         .venv/bin/python -m pip install --quiet --upgrade pip &&
         .venv/bin/python -m pip install --quiet -r "$req" || return 1
+        if [ -f requirements-nodeps.txt ]; then  # spandrel without its torchvision dependency
+            .venv/bin/python -m pip install --quiet --no-deps -r requirements-nodeps.txt || return 1
+        fi
         cat requirements*.txt > "$stamp"
     fi
 }
