@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageOps
 
 from modules import images as images_module
+from modules import interrupt
 from modules import masking, sd_guidance, sd_hijack_tiling, sd_samplers, upscaler
 from modules import extra_networks  # <lora:...> tags applied for the job, TI / Lora hashes
 from modules.conditioning import TextEncodingCache, get_learned_conditioning, get_multicond_learned_conditioning
@@ -196,6 +197,7 @@ class Processed:
     is_using_inpainting_conditioning: bool = False  # the model is an inpainting checkpoint (9-channel UNet)
     extra_generation_params: dict = field(default_factory=dict)  # the infotext's img2img / hires keys
     comments: str = ""  # the job's warnings, one a line (AUTOMATIC1111's): LoRAs left out, unknown tags
+    negative_report: list = field(default_factory=list)  # per image, the model's verdict (negative_verdict.py)
 
     @property
     def info(self) -> str:
@@ -444,6 +446,7 @@ def guidance_infotext(p: StableDiffusionProcessing) -> dict:
         "Guidance interval": f"{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else None,
         "CFG rescale": f"{p.cfg_rescale:g}" if p.cfg_rescale else None,
         "NGMS": f"{p.s_min_uncond:g}" if p.s_min_uncond else None,
+        **sd_guidance.infotext_params(p),  # NAG, Dynamic negative, APG, dynamic thresholding: what is in use
     }
 
 
@@ -539,12 +542,19 @@ def run_pass(model, p: StableDiffusionProcessing, sp: SamplingPass, encode: Text
         denoiser = masking.MaskedDenoiser(denoiser, model, sp.init_latent, sp.mask, sp.nmask)
     state.sampling_step, state.sampling_steps = 0, sp.steps_that_run()
     hooks = [pass_label_hook(sp.label), *hooks]
-    with sd_guidance.attention_guidance(model, q):
-        if sp.init_latent is None:
-            samples = sampler.sample(denoiser, noise, sp.steps, rng, hooks)
-        else:
-            samples = sampler.sample_img2img(denoiser, sp.init_latent, noise, sp.steps, sp.denoising_strength, rng,
-                                             hooks, fix_steps=sp.fix_steps)
+    state.current_step_info = None  # this pass's last step, once it has one
+    try:
+        # Interrupt and skip are checked before every UNet sub-block too, so a step of minutes stops in seconds
+        with sd_guidance.attention_guidance(model, q), \
+                interrupt.interruptible(model.unet, lambda: state.interrupted or state.skipped):
+            if sp.init_latent is None:
+                samples = sampler.sample(denoiser, noise, sp.steps, rng, hooks)
+            else:
+                samples = sampler.sample_img2img(denoiser, sp.init_latent, noise, sp.steps, sp.denoising_strength,
+                                                 rng, hooks, fix_steps=sp.fix_steps)
+    except InterruptedException:  # stopped inside a step: what the last finished step predicted, as AUTOMATIC1111
+        last = state.current_step_info
+        samples = last.pred_x0 if last is not None else (sp.init_latent if sp.init_latent is not None else noise)
     if sp.mask is not None:  # AUTOMATIC1111: the kept area is the init latent exactly
         samples = samples * sp.nmask.to(samples.dtype) + sp.init_latent.to(samples.dtype) * sp.mask.to(samples.dtype)
     return samples

@@ -8,6 +8,11 @@ prompt for CFG and the empty prompt for Perp-Neg. Guidance is done on the raw mo
 
 On steps where guidance cannot change the result (scale 1, outside the guidance interval,
 NGMS) and every image has a plain prompt, only the prompt rows are run.
+
+With NAG on (`nag_scale`), the prompt rows of each UNet call also get NAG in the cross-attention
+layers: the denoiser hands the processors installed by `sd_guidance.attention_guidance` the
+negative conditioning active at this step for each prompt row (`NAGState`); the negative / empty
+rows stay plain, and an image whose negative is empty at this step gets no NAG.
 """
 from __future__ import annotations
 
@@ -15,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from modules import sd_attention_guidance
 from modules.conditioning import Schedule, active_index, stack_padded
 from modules.prompt_parser import MulticondLearnedConditioning, ScheduledPromptConditioning
-from modules.sd_guidance import GuidanceSettings, find_guidance_rule, rescale_cfg
+from modules.sd_guidance import GuidanceSettings, StepContext, find_guidance_rule, rescale_cfg
 from modules.sd_samplers_common import to_eps, to_x0
 
 
@@ -52,6 +58,10 @@ class CFGDenoiser:
         else:
             self.base_schedules, self.negative_schedules = uncond, []
         self._batches: dict[tuple, torch.Tensor] = {}
+        self.nag_schedules = uncond if self.guidance.nag is not None else []
+        self._nag_inputs: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.rule_state: dict = {}  # what a rule remembers between steps (APG momentum, DNG posterior), per run
+        self._last_step = -1
 
     def conditioning_at(self, step: int, prompt_only: bool = False) -> torch.Tensor:
         """The UNet's encoder_hidden_states at `step`, built once per distinct set of active entries."""
@@ -65,6 +75,45 @@ class CFGDenoiser:
             self._batches[key] = stack_padded(conds, self.empty).to(self.model.device, self.model.dtype)
         return self._batches[key]
 
+    def nag_inputs_at(self, step: int, prompt_only: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, negative token states) for NAG at `step`: the prompt rows of the UNet batch whose image's
+        negative conditioning at this step is not the empty prompt's; None when no row gets NAG."""
+        if not self.nag_schedules or not self.guidance.nag.active_at(step, self.steps):
+            return None
+        key = (prompt_only, *(active_index(s, step) for s in self.nag_schedules))
+        if key not in self._nag_inputs:
+            first = 0 if prompt_only else len(self.base_schedules)
+            conds = [s[k].cond for s, k in zip(self.nag_schedules, key[1:])]
+            rows = [first + j for j, i in enumerate(self.part_image.tolist()) if not self._is_empty(conds[i])]
+            if rows:
+                negative = stack_padded([conds[i] for i in self.part_image[torch.tensor(rows) - first].tolist()],
+                                        self.empty)
+                if isinstance(negative, dict):  # SDXL: only the token states enter cross-attention
+                    negative = negative["crossattn"]
+                self._nag_inputs[key] = (torch.tensor(rows, device=self.model.device),
+                                         negative.to(self.model.device, self.model.dtype))
+            else:
+                self._nag_inputs[key] = None
+        return self._nag_inputs[key]
+
+    def _is_empty(self, cond) -> bool:
+        a, b = (cond["crossattn"], self.empty["crossattn"]) if isinstance(cond, dict) else (cond, self.empty)
+        return cond is self.empty or (a.shape == b.shape and torch.equal(a, b))
+
+    def apply_model(self, x_in: torch.Tensor, timestep: float, cond, step: int, prompt_only: bool) -> torch.Tensor:
+        """One UNet call, with NAG on the prompt rows when the job asks for it."""
+        nag = self.nag_inputs_at(step, prompt_only)
+        if nag is None:
+            return self.model.apply_model(x_in, timestep, cond)
+        state = sd_attention_guidance.active_state(self.model.unet)
+        if state is None:
+            raise RuntimeError("NAG is on but its attention processors are not installed: sample inside "
+                               "`sd_guidance.attention_guidance(model, p)`")
+        settings = self.guidance.nag
+        with state.inputs(sd_attention_guidance.NAGCall(nag[0], nag[1], settings.scale, settings.tau,
+                                                        settings.alpha)):
+            return self.model.apply_model(x_in, timestep, cond)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, timestep: float, alpha: float, step: int) -> DenoiserOutput:
         """Denoise the VP-scaled latent `x` at `timestep`, whose alphas_cumprod is `alpha`."""
@@ -73,13 +122,16 @@ class CFGDenoiser:
         scale = g.scale_at(step, self.steps)
         prompt_only = self.plain_prompts and (scale == 1 or g.ngms_skips(step, alpha))
         x_parts = x if self.plain_prompts else x[self.part_image]
+        if step < self._last_step:  # a new run through the same denoiser: rules start afresh
+            self.rule_state.clear()
+        self._last_step = step
         if prompt_only:
-            out = model.apply_model(x_parts, timestep, self.conditioning_at(step, prompt_only=True))
+            out = self.apply_model(x_parts, timestep, self.conditioning_at(step, prompt_only=True), step, True)
             guided = positive = out
             branches, stats = {"prompt": to_x0(out, x, alpha, prediction_type)}, {}
         else:
             x_in = torch.cat([x, x_parts, x] if self.negative_schedules else [x, x_parts])
-            out = model.apply_model(x_in, timestep, self.conditioning_at(step))
+            out = self.apply_model(x_in, timestep, self.conditioning_at(step), step, False)
             k = len(self.part_schedules)
             base, out_parts, out_negative = out[:n], out[n:n + k], out[n + k:]
             if self.plain_prompts:
@@ -88,14 +140,15 @@ class CFGDenoiser:
                 delta_pos = torch.zeros_like(base).index_add_(
                     0, self.part_image, (out_parts - base[self.part_image]) * self.part_weight)
             positive = base + delta_pos
+            ctx = StepContext(x, alpha, step, self.steps, prediction_type, g, self.rule_state)
             if self.negative_schedules:
                 guided, stats = g.rule.combine(base, delta_pos, scale, delta_neg=out_negative - base,
-                                               negative_weight=g.negative_weight)
+                                               negative_weight=g.negative_weight, ctx=ctx)
                 branches = {"prompt": to_x0(positive, x, alpha, prediction_type),
                             "negative": to_x0(out_negative, x, alpha, prediction_type),
                             "empty": to_x0(base, x, alpha, prediction_type)}
             else:
-                guided, stats = g.rule.combine(base, delta_pos, scale)
+                guided, stats = g.rule.combine(base, delta_pos, scale, ctx=ctx)
                 branches = {"prompt": to_x0(positive, x, alpha, prediction_type),
                             "negative": to_x0(base, x, alpha, prediction_type)}
             if g.cfg_rescale > 0:

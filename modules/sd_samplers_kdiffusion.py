@@ -541,6 +541,8 @@ class KDiffusionSampler(Sampler):
         try:
             x = self.function(model_fn, x, sched, noise, report, **kwargs)
         except InterruptedException:
+            if not reports:  # stopped inside the first step: nothing to return here (process_images decides)
+                raise
             info = reports[-1]
             return (info.pred_x0 if info.step < info.steps - 1 else info.x).to(dtype)
         return x.to(dtype)

@@ -108,3 +108,23 @@ def test_error_bodies_match_the_published_schema(server):
     for payload in ({"steps": 0}, {"steps": "many"}):  # the engine's 422 and FastAPI's own
         body = post(server, "txt2img", {**SMALL, **payload}).json()
         assert "detail" in body and set(body) <= set(schema["components"]["schemas"][ref]["properties"])
+
+
+def test_interrupt_stops_a_1024_pixel_job_within_seconds(server):
+    """One step of a 1024x1024 image takes minutes on this CPU; Interrupt acts inside the step."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(r=post(server, "txt2img", {
+        **SMALL, "width": 1024, "height": 1024, "steps": 2, "negative_prompt": "blue"})))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if requests.get(f"{server.url}/sdapi/v1/progress", timeout=10).json()["state"]["job"]:
+            break
+        time.sleep(0.1)
+    time.sleep(2.0)  # well inside the first step
+    start = time.monotonic()
+    post(server, "interrupt")
+    thread.join(120)
+    stopped = time.monotonic() - start
+    assert box["r"].status_code == 200 and stopped < 5 + 10, stopped  # + the 1024 px VAE decode of the result
+    print(f"interrupted a 1024x1024 job in {stopped:.1f} s")

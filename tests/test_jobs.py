@@ -33,6 +33,12 @@ CHANGES = {
     "guidance_interval[1]": (0.8, None),
     "cfg_rescale": (0.7, 0.7),
     "s_min_uncond": (1.5, 1.5),
+    "nag_scale": (3.0, 3.0),
+    "nag_tau": (2.0, 2.0),
+    "nag_alpha": (0.25, 0.25),
+    "nag_start": (0.1, 0.1),
+    "nag_end": (0.9, 0.9),
+    "negative_report": (True, True),
 }
 JSON_NAMES = {"guidance_interval[0]": ("guidance_interval", 0), "guidance_interval[1]": ("guidance_interval", 1)}
 

@@ -95,6 +95,30 @@ def test_collector_shows_the_pred_x0_of_each_subject(tiny_model):
     assert both.crop((0, 0, 64, 64)).tobytes() == combined.tobytes()
 
 
+def test_approx_cheap_uses_the_models_preview_decoder(tiny_model):
+    """A model with its own preview decoder (the embedded model ships one) previews through it, at image
+    resolution; without one, the linear map (the test above)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = copy.copy(tiny_model)
+    model.__dict__["preview_decoder"] = sd_vae_approx.PreviewDecoder(channels=8, depth=1, upscale=8).eval()
+    assert sd_vae_approx.cheap_kind(model) == "decoder" and sd_vae_approx.cheap_kind(tiny_model) == "linear"
+    seen = []
+    collector = previews.PreviewCollector(model, size=(64, 64))
+    run(model, [seen.append, collector])
+    with torch.no_grad():
+        rgb = model.preview_decoder(seen[-1].pred_x0.float()).clamp(-1, 1)
+    expected = sd_vae_approx.to_pil(rgb)[0]
+    assert expected.size == (64, 64)
+    got = collector.frames()[-1].image
+    diff = [abs(a - b) for a, b in zip(got.tobytes(), expected.tobytes())]
+    assert max(diff) <= 1  # the collector may keep latents in float16
+    linear = sd_vae_approx.to_pil(sd_vae_approx.cheap_approximation(seen[-1].pred_x0, *tiny_model.latent_rgb),
+                                  (64, 64))[0]
+    assert got.tobytes() != linear.tobytes()
+
+
 def test_collector_batches_grid_and_batch_count_captions(tiny_model):
     collector = previews.PreviewCollector(tiny_model, previews.SUBJECT_ALL, size=(64, 64), batch_count=2)
     run(tiny_model, [collector], batch_size=3, n_iter=2)
@@ -153,4 +177,4 @@ def test_unknown_subject_or_method_is_refused(tiny_model):
     with pytest.raises(ValueError):
         previews.PreviewCollector(tiny_model, "Both")
     with pytest.raises(ValueError):
-        previews.PreviewCollector(tiny_model, method="TAESD")
+        previews.PreviewCollector(tiny_model, method="Blurry")

@@ -413,3 +413,345 @@ def test_active_schedule_index_with_real_schedule():
     ends = [end for end, _ in schedule]
     texts = [schedule[active_schedule_index(ends, step)][1] for step in range(10)]
     assert texts == ["a"] * 6 + ["b"] * 4
+
+
+# --------------------------------------------------------------------------------------
+# linear parsing: the same answers as A1111's lark parser and regexes, in linear time
+# --------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+from modules.errors import InvalidParameter  # noqa: E402
+from modules.prompt_parser import PromptTooComplex, check_prompt  # noqa: E402
+
+
+def a1111_schedules(prompt: str, steps: int = 10, hires_steps: int | None = None, use_old_scheduling=False,
+                    tree=None):
+    """AUTOMATIC1111's get_learned_conditioning_prompt_schedules with its lark parser: the reference."""
+    import lark
+
+    if hires_steps is None or use_old_scheduling:
+        int_offset, flt_offset = 0, 0.0
+    else:
+        int_offset, flt_offset, steps = steps, 1.0, hires_steps
+
+    def collect_steps(tree):
+        res = [steps]
+
+        class CollectSteps(lark.Visitor):
+            def scheduled(self, tree):
+                s = tree.children[-2]
+                v = float(s)
+                if use_old_scheduling:
+                    v = v * steps if v < 1 else v
+                elif "." in s:
+                    v = (v - flt_offset) * steps
+                else:
+                    v = v - int_offset
+                tree.children[-2] = min(steps, int(v))
+                if tree.children[-2] >= 1:
+                    res.append(tree.children[-2])
+
+            def alternate(self, tree):
+                res.extend(range(1, steps + 1))
+
+        CollectSteps().visit(tree)
+        return sorted(set(res))
+
+    def at_step(step, tree):
+        class AtStep(lark.Transformer):
+            def scheduled(self, args):
+                before, after, _, when, _ = args
+                yield before or () if step <= when else after
+
+            def alternate(self, args):
+                args = ["" if not arg else arg for arg in args]
+                yield args[(step - 1) % len(args)]
+
+            def start(self, args):
+                def flatten(x):
+                    if isinstance(x, str):
+                        yield x
+                    else:
+                        for gen in x:
+                            yield from flatten(gen)
+                return "".join(flatten(args))
+
+            def plain(self, args):
+                yield args[0].value
+
+            def __default__(self, data, children, meta):
+                for child in children:
+                    yield child
+
+        return AtStep().transform(tree)
+
+    try:
+        tree = tree if tree is not None else prompt_parser.schedule_parser.parse(prompt)
+        return [[t, at_step(t, tree)] for t in collect_steps(tree)]
+    except (lark.exceptions.LarkError, ArithmeticError, ValueError):
+        return [[steps, prompt]]
+
+
+def a1111_parse_prompt_attention(text: str):
+    """AUTOMATIC1111's parse_prompt_attention, verbatim (but for the port's "1.2.3" fix): the reference."""
+    res, round_brackets, square_brackets = [], [], []
+
+    def multiply_range(start_position, multiplier):
+        for p in range(start_position, len(res)):
+            res[p][1] *= multiplier
+
+    for m in prompt_parser.re_attention.finditer(text):
+        text, weight = m.group(0), m.group(1)
+        if text.startswith("\\"):
+            res.append([text[1:], 1.0])
+        elif text == "(":
+            round_brackets.append(len(res))
+        elif text == "[":
+            square_brackets.append(len(res))
+        elif weight is not None and round_brackets:
+            try:
+                multiplier = float(weight)
+            except ValueError:
+                res.append([text[:-1], 1.0])
+                multiplier = 1.1
+            multiply_range(round_brackets.pop(), multiplier)
+        elif text == ")" and round_brackets:
+            multiply_range(round_brackets.pop(), 1.1)
+        elif text == "]" and square_brackets:
+            multiply_range(square_brackets.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(re.split(r"\s*\bBREAK\b\s*", text, flags=re.S)):
+                if i > 0:
+                    res.append(["BREAK", -1])
+                res.append([part, 1.0])
+    for pos in round_brackets:
+        multiply_range(pos, 1.1)
+    for pos in square_brackets:
+        multiply_range(pos, 1 / 1.1)
+    if len(res) == 0:
+        res = [["", 1.0]]
+    i = 0
+    while i + 1 < len(res):
+        if res[i][1] == res[i + 1][1]:
+            res[i][0] += res[i + 1][0]
+            res.pop(i + 1)
+        else:
+            i += 1
+    return res
+
+
+def well_formed_prompt(rng: random.Random, depth: int = 0) -> str:
+    words = ["a cat", "red", " ", "猫", "1girl", r"\(x\)", "best quality", ", "]
+    out = []
+    for _ in range(rng.randint(1, 4)):
+        r = rng.random()
+        inner = (lambda: well_formed_prompt(rng, depth + 1)) if depth < 2 else (lambda: rng.choice(words))
+        if r < 0.35:
+            out.append(rng.choice(words))
+        elif r < 0.45:
+            out.append(f"({inner()})")
+        elif r < 0.55:
+            out.append(f"({inner()}:{rng.choice(['1.2', '0.5', '2'])})")
+        elif r < 0.62:
+            out.append(f"[{inner()}]")
+        elif r < 0.77:
+            when = rng.choice(["0.5", ".25", "3", " 7 ", "1.5", "0", "-1", "1e1", "12"])
+            out.append(f"[{inner()}:{inner() if rng.random() < 0.7 else ''}:{when}]")
+        elif r < 0.85:
+            out.append(f"[{inner()}:{rng.choice(['4', '0.6'])}]")
+        else:
+            out.append("[" + "|".join(inner() if rng.random() < 0.8 else "" for _ in range(rng.randint(2, 3))) + "]")
+    return "".join(out)
+
+
+def test_module_does_not_import_lark_and_keeps_a1111s_grammar():
+    code = "import sys; import modules.prompt_parser as p; print('lark' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert prompt_parser.schedule_parser.parse("[a:b:1]") is not None  # built on first use
+    assert prompt_parser.schedule_parser is prompt_parser.schedule_parser
+
+
+def test_schedules_equal_a1111_on_well_formed_prompts():
+    import copy
+
+    rng = random.Random(77)
+    compared = 0
+    while compared < 60:
+        prompt = well_formed_prompt(rng)
+        if sum(prompt.count(c) for c in "[]():|") > 24:  # lark's Earley parser is slow on bigger ones
+            continue
+        compared += 1
+        tree = prompt_parser.schedule_parser.parse(prompt)
+        for steps, hires, old in ((10, None, False), (7, None, False), (10, 20, False), (10, None, True)):
+            want = a1111_schedules(prompt, steps, hires, old, tree=copy.deepcopy(tree))
+            assert g(prompt, steps, hires, old) == want, (prompt, steps, hires, old)
+
+
+def test_schedules_equal_a1111_on_random_syntax():
+    # Where a well-formed group is directly followed by stray brackets, A1111's grammar reads
+    # the prompt two ways and lark's pick is arbitrary (see the next test): left out here.
+    ambiguous = re.compile(r"[\])][\[\]():]")
+    rng = random.Random(4242)
+    tokens = ["a", "b", " ", "[", "]", "(", ")", ":", "|", ".5", "1", "3", "\\", "-1", "猫", "2.", "\n", "\\[", "\\)"]
+    compared = 0
+    for _ in range(400):
+        prompt = "".join(rng.choice(tokens) for _ in range(rng.randint(1, 10)))
+        if "[" not in prompt or ambiguous.search(prompt):
+            continue
+        compared += 1
+        assert g(prompt) == a1111_schedules(prompt), prompt
+    assert compared > 100
+
+
+def test_schedules_differs_from_a1111_well_formed_group_before_stray_brackets():
+    # "[a:1]((" can be read as a schedule followed by two stray "(", or as text. lark 1.3's
+    # Earley parser reads it as text but "[a:1](" and "[a:1](((" as a schedule (the parity of
+    # the stray brackets decides), and A1111's lark 1.1.2 changes its mind with PYTHONHASHSEED.
+    # The port: a well-formed group always keeps its meaning.
+    assert g("[a:1]((") == [[1, "(("], [10, "a(("]]
+    assert g("[a:1](") == [[1, "("], [10, "a("]] == a1111_schedules("[a:1](")
+    assert a1111_schedules("[a:1]((") == [[10, "[a:1](("]]
+    assert g("x [a:1] ((") == a1111_schedules("x [a:1] ((") == [[1, "x  (("], [10, "x a (("]]
+
+
+def test_schedules_take_linear_time():
+    start = time.perf_counter()
+    assert g("[" * 1000, 150) == [[150, "[" * 1000]]
+    assert g("[" * 1000 + "a:1]", 150) == [[1, "[" * 999], [150, "[" * 999 + "a"]]
+    nested = "[a:" * 2000 + "b" + ":1]" * 2000  # scheduled nodes 2000 deep: no recursion
+    assert g(nested) == [[1, "a"], [10, "b"]] == a1111_schedules("[a:" * 3 + "b" + ":1]" * 3)
+    deep = "[" + "(" * 5000 + "x" + ")" * 5000 + ":3]"
+    assert g(deep) == [[3, ""], [10, "(" * 5000 + "x" + ")" * 5000]]
+    many = g("[a|b] " * 3000, 150)
+    assert len(many) == 150 and many[0][1] == "a " * 3000 and many[1][1] == "b " * 3000
+    assert time.perf_counter() - start < 10  # A1111's lark parser: minutes for the first alone
+
+
+def test_split_and_equals_a1111_regex():
+    rng = random.Random(11)
+    tokens = ["a", " ", "\n", ":", "1", ".", "5", "-", "+", "AND", "\t", "٣", "x y", " :", ": "]
+    for _ in range(3000):
+        part = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 9)))
+        text, weight = prompt_parser.re_weight.search(part).groups()
+        assert prompt_parser._split_weight(part) == (text, float(weight) if weight is not None else 1.0), part
+
+
+def test_split_and_is_linear():
+    prompt = "a" + " " * 20000 + "b"
+    start = time.perf_counter()
+    assert split_and(prompt) == [(prompt, 1.0)]
+    assert split_and(prompt + " :0.5") == [(prompt, 0.5)]
+    assert split_and("x:" + "1" * 20000 + "y")[0][1] == 1.0
+    assert time.perf_counter() - start < 1
+
+
+def test_re_break_splits_as_a1111():
+    a1111 = re.compile(r"\s*\bBREAK\b\s*", re.S)
+    rng = random.Random(5)
+    tokens = [" ", "\n", "BREAK", "a", ",", "BREAKx", "\t", "_"]
+    for _ in range(5000):
+        text = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 8)))
+        assert re.split(prompt_parser.re_break, text) == re.split(a1111, text), text
+    start = time.perf_counter()
+    assert parse_prompt_attention(" " * 20000 + "x BREAK y")[-1] == ["y", 1.0]
+    assert time.perf_counter() - start < 1
+
+
+def test_attention_equals_a1111_bit_for_bit():
+    rng = random.Random(99)
+    tokens = ["a", " ", "[", "]", "(", ")", ":", "1.5", ".", "\\", "BREAK", "猫", ":0.3)", ":-1)", ":0)", "(b:2)"]
+    for _ in range(2000):
+        text = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 14)))
+        assert parse_prompt_attention(text) == a1111_parse_prompt_attention(text), text
+
+
+def test_attention_past_the_budget_multiplies_in_log_space():
+    rng = random.Random(3)
+    tokens = ["a", " ", "[", "]", "(", ")", ":1.5)", ":0)", ":-2)", "BREAK", "b", ":" + "9" * 400 + ")"]
+    for _ in range(500):
+        text = "".join(rng.choice(tokens) for _ in range(rng.randint(1, 30)))
+        runs, events = prompt_parser._attention_events(text)
+        exact = [list(r) for r in runs]
+        for start, end, multiplier in events:
+            for p in range(start, end):
+                exact[p][1] *= multiplier
+        logged = [list(r) for r in runs]
+        prompt_parser._multiply_in_log_space(logged, events)
+        for (_, want), (_, got) in zip(exact, logged):
+            if math.isnan(want):
+                assert math.isnan(got), text
+            else:
+                assert got == pytest.approx(want, rel=1e-9, abs=1e-300), text
+
+
+def test_attention_deep_nesting_stays_fast():
+    start = time.perf_counter()
+    res = parse_prompt_attention("(" * 10000 + "a)" * 10000)  # 50M multiplications in A1111's way
+    assert "".join(t for t, _ in res) == "a" * 10000
+    assert res[-1][1] == pytest.approx(1.1, rel=1e-9)
+    assert time.perf_counter() - start < 5
+
+
+# --------------------------------------------------------------------------------------
+# check_prompt: what the job layer refuses before a job is queued
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", [
+    "", "a red circle on a white background", "masterpiece, (best quality:1.2), ((ultra detailed)), [cat:dog:0.5]",
+    "a [unbalanced", "((a][:b:c [d:3]", "(red:1e5)", "(red:1e39)",  # e-notation is text to A1111: accepted
+    "(a:0) (b:-3) (c:38) AND x:0.5 AND y", "a BREAK b " * 50, "(" * 50 + "deep" + ")" * 50,
+    "(a:1000000000000000000)(b:1000000000000000000)",  # side by side, not nested: no overflow
+    "word, " * 3000, "猫 (犬:1.5) 🐱",
+])
+def test_check_prompt_accepts(text):
+    check_prompt(text, "prompt")
+
+
+@pytest.mark.parametrize("text, field, match", [
+    ("a \ud800 b", "prompt", "lone surrogate"),
+    ("(red:1e999)", "negative_prompt", r"1e999 in \"\(red:1e999\)\" is not a finite number"),
+    ("(red:nan)", "prompt", "nan.*not a finite number"),
+    ("(red: INF )", "prompt", "INF.*not a finite number"),
+    ("(red:" + "9" * 400 + ")", "hr_prompt", "400 characters"),
+    ("(red:" + "9" * 39 + ")", "prompt", "beyond the float32 range"),
+    ("((a:1" + "0" * 20 + "):1" + "0" * 20 + ")", "prompt", "multiply to more than 3.4e\\+38"),
+    ("a AND b:" + "9" * 400, "prompt", "AND part's weight"),
+])
+def test_check_prompt_refuses_what_cannot_be_encoded(text, field, match):
+    with pytest.raises(InvalidParameter, match=match) as e:
+        check_prompt(text, field)
+    assert e.value.field == field and e.value.status_code == 422
+
+
+@pytest.mark.parametrize("text, match", [
+    ("x" * (prompt_parser.MAX_PROMPT_LENGTH + 1), f"at most {prompt_parser.MAX_PROMPT_LENGTH}"),
+    ("[" * 1000, f"at most {prompt_parser.MAX_NESTING}"),
+    ("(" * 51 + "a", f"at most {prompt_parser.MAX_NESTING}"),
+    ("a AND " * 40, f"at most {prompt_parser.MAX_AND_PARTS} are allowed"),
+    ("a BREAK " * 101, f"at most {prompt_parser.MAX_BREAKS} are allowed"),
+])
+def test_check_prompt_refuses_too_complex_prompts(text, match):
+    with pytest.raises(PromptTooComplex, match=match) as e:
+        check_prompt(text, "negative_prompt")
+    assert isinstance(e.value, InvalidParameter) and e.value.field == "negative_prompt"
+
+
+def test_check_prompt_is_quick_on_anything_up_to_the_length_limit():
+    n = prompt_parser.MAX_PROMPT_LENGTH
+    worst = ["(" * n, "[" * n, ":" * n, " " * n, "(a)" * (n // 3), "(a:1.5)" * (n // 7), "(" * 49 + "(a)" * (n // 3 - 17),
+             "((a:1" + "0" * 20 + "):1" + "0" * 19 + ")" + "(a:9.5)" * (n // 7 - 20), "a:" * (n // 2),
+             "[a|b]" * (n // 5), "\\(" * (n // 2), "a AND " * 31 + "b" * (n - 200), "1" * n, "BREAK " * 100]
+    slowest = 0.0
+    for text in worst:
+        assert len(text) <= n
+        start = time.perf_counter()
+        try:
+            check_prompt(text, "prompt")
+        except InvalidParameter:
+            pass
+        slowest = max(slowest, time.perf_counter() - start)
+    assert slowest < 0.5  # well under 50 ms on a quiet machine; this is a slow shared CI box

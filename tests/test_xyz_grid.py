@@ -251,3 +251,90 @@ def test_interrupt_stops_the_plot_and_keeps_the_grid(tiny_model):
     grid = np.asarray(plot.images[0])
     lay = plot.layout
     assert grid[lay.cell_box(2, 0)[1]:lay.cell_box(2, 0)[3], lay.cell_box(2, 0)[0]:lay.cell_box(2, 0)[2]].max() == 0
+
+
+# ---- hostile values: ranges are counted before they are expanded ---------------------------------
+
+import math  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+
+@pytest.mark.parametrize("axis,which,text,count", [
+    ("Seed", "x", "1-10000000", "10000000"),
+    ("CFG Scale", "y", "1-10 [100000000000]", "100000000000"),
+    ("CFG Scale", "z", "0-1000000 (+0.0001)", "10000000001"),
+    ("Steps", "x", "1-400, 1-400", "800"),
+    ("Seed", "x", "1-10" + "0" * 40, "about 1.00e+41"),
+    ("Negative weight", "y", "0-1 (+0." + "0" * 300 + "1)", "about 1.00e+301"),
+    ("Negative weight", "y", "0-1 (+0." + "0" * 319 + "1)", "too many values to count"),  # a denormal step
+    ("Seed", "x", ", ".join(str(i) for i in range(600)), "at least 513"),
+    ("Prompt S/R", "x", ", ".join(f"w{i}" for i in range(600)), "600"),
+])
+def test_ranges_over_the_cell_limit_are_refused_before_expanding(axis, which, text, count):
+    start = time.perf_counter()
+    with pytest.raises(InvalidParameter) as e:
+        parse_axis_values(find_axis(axis), text, which)
+    assert time.perf_counter() - start < 0.5  # well under 100 ms on a quiet machine
+    assert e.value.field == f"{which}_values"
+    assert f"{axis} axis ({which.upper()})" in str(e.value) and count in str(e.value)
+    assert f"at most {xyz_grid.MAX_CELLS} cells" in str(e.value)
+
+
+def test_an_axis_of_exactly_the_limit_is_accepted():
+    assert len(parse_axis_values(find_axis("Seed"), f"1-{xyz_grid.MAX_CELLS}")) == xyz_grid.MAX_CELLS
+    assert len(parse_axis_values(find_axis("CFG Scale"), f"1-2 [{xyz_grid.MAX_CELLS}]")) == xyz_grid.MAX_CELLS
+
+
+@pytest.mark.parametrize("axis,text,match", [
+    ("Steps", "1-5 (+0)", "step cannot be 0"),
+    ("CFG Scale", "1-5 (+0.0)", "step cannot be 0"),
+    ("CFG Scale", "inf", "not a finite number"),
+    ("CFG Scale", "3, nan", "not a finite number"),
+    ("CFG Scale", "-inf-3", "cannot read"),
+    ("CFG Scale", "1-" + "9" * 400, "not a finite number"),
+    ("CFG Scale", "1-10 [" + "9" * 400 + "]", "not a finite number"),
+    ("Steps", "1-10 [0]", "count of at least 1"),
+    ("Seed", "1-" + "9" * 5000, "cannot read"),  # Python refuses 5000-digit ints
+])
+def test_step_zero_and_non_finite_values_are_refused_clearly(axis, text, match):
+    with pytest.raises(InvalidParameter, match=match) as e:
+        parse_axis_values(find_axis(axis), text)
+    assert e.value.field == "x_values" and len(str(e.value)) < 400
+
+
+def test_value_patterns_take_linear_time():
+    start = time.perf_counter()
+    for text in ["1-" + " " * 20000 + "x", "1-1" + " " * 20000 + "x", "1.5-2." + "5" * 20000 + " (" + " " * 20000]:
+        for axis in ("Seed", "CFG Scale"):
+            with pytest.raises(InvalidParameter):
+                parse_axis_values(find_axis(axis), text)
+    assert time.perf_counter() - start < 1  # A1111's patterns: about 10 s for each of the first
+
+
+def test_value_patterns_read_as_automatic1111s():
+    a1111 = [r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\(([+-]\d+)\s*\))?\s*",
+             r"\s*([+-]?\s*\d+(?:\.\d*)?)\s*-\s*([+-]?\s*\d+(?:\.\d*)?)(?:\s*\(([+-]\d+(?:\.\d*)?)\s*\))?\s*",
+             r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\[(\d+)\s*])?\s*",
+             r"\s*([+-]?\s*\d+(?:\.\d*)?)\s*-\s*([+-]?\s*\d+(?:\.\d*)?)(?:\s*\[(\d+(?:\.\d*)?)\s*])?\s*"]
+    ours = [xyz_grid.re_range, xyz_grid.re_range_float, xyz_grid.re_range_count, xyz_grid.re_range_count_float]
+    rng = random.Random(8)
+    tokens = ["1", "2", "0", " ", "-", "+", ".", "(", ")", "[", "]", "5", "x", "  "]
+    for pattern, our in zip(a1111, ours):
+        theirs = re.compile(pattern)
+        for _ in range(3000):
+            text = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 12)))
+            a, b = theirs.fullmatch(text), our.fullmatch(text)
+            assert (a is None) == (b is None) and (a is None or a.groups() == b.groups()), text
+
+
+def test_float_ranges_are_counted_as_numpy_expands_them():
+    rng = random.Random(2)
+    for _ in range(2000):
+        start, end = round(rng.uniform(-5, 5), rng.randint(0, 3)), round(rng.uniform(-5, 5), rng.randint(0, 3))
+        step = round(rng.choice([-1, 1]) * rng.uniform(0.01, 2), rng.randint(1, 3)) or 0.5
+        assert xyz_grid._count_float_range(start, end, step) == len(np.arange(start, end + step, step))
+    assert xyz_grid._count_int_range(1, 10, 3) == len(range(1, 11, 3))
+    assert xyz_grid._count_int_range(10, 1, -4) == len(range(10, 0, -4))
+    assert xyz_grid._count_int_range(5, 1, 1) == 0 and xyz_grid._count_float_range(0, 1, math.inf) == -1

@@ -6,7 +6,8 @@
     python training/evaluate.py negatives --model DIR --neg-seeds 40
     python training/evaluate.py schedule --model DIR --neg-seeds 40
     python training/evaluate.py samplers --model DIR --seeds 1 [--sampler "Euler a" ...]
-    python training/evaluate.py rules --model DIR --neg-seeds 40 [--setting Perp-Neg ...]
+    python training/evaluate.py rules --model DIR --neg-seeds 40 [--setting Perp-Neg ...] [--case PROMPT ...]
+    python training/evaluate.py verdict --model DIR --verdict-seeds 20
 
 Every image is made by ``generate()`` (DDIM, 20 steps, CFG 7, initial latents
 ``torch.randn((4,16,16), generator=torch.Generator('cpu').manual_seed(seed))``) and judged
@@ -19,7 +20,10 @@ Reports:
   negatives  ``a circle on a white background`` without / with negative ``red``;
              ``a blue shape on a gray background`` without / with negative ``circle``
   schedule   ``a [red:blue:0.1] square on a black background`` (prompt editing, A1111 syntax)
-  rules      removal / keep rates of the negative prompt per guidance rule (training/negatives.py)
+  rules      removal / keep rates of the negative prompt per guidance rule (training/negatives.py);
+             with --setting / --case only those rows run, merged into the existing eval_rules.json
+  verdict    the model's own verdict (modules/negative_verdict.py) against the pixel judge: ROC AUC of
+             the verdict's score for "the image shows what the negative names", colour and shape
   samplers   every sampler of the registry through the engine (process_images), 20 steps, on the
              45 prompts: colour / shape accuracy per sampler (issue 6: >= 90%); not part of ``all``
 """
@@ -29,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -271,10 +276,58 @@ def merge_sampler_rows(old: dict, new: dict, command: str) -> dict:
         any(r["color_and_shape"] >= 0.9 for r in usual if r["sampler"] == name) for name in {r["sampler"] for r in usual}))
 
 
+VERDICT_SETS = {  # prompts (seeds 100..) whose images are judged, and the negatives that name the attribute
+    "colour": (["a circle on a white background", "a red shape on a gray background", "a green square",
+                "a blue shape on a white background", "a yellow circle on a black background", "a purple triangle"],
+               list(S.COLOR_NAMES), "color"),
+    "shape": (["a blue shape on a gray background", "a red circle", "a green square on a gray background",
+               "a blue triangle on a white background", "a yellow shape on a black background"], list(S.SHAPES), "shape"),
+}
+
+
+def report_verdict(model_dir, n_seeds=20, seed0=100):
+    """The verdict against the pixel judge. Images of the prompts of VERDICT_SETS (some leave the colour or
+    the shape open, as the rules table's cases do; the others name each value, so that every word has
+    images that show it), `n_seeds` seeds each (DDIM 20, CFG 7, no negative), are judged from pixels and
+    scored by the verdict for each colour (shape) word as the negative: ROC AUC of the score for "the
+    image has that colour (shape)", per word and pooled over the words. Seeds 100.. (the verdict's noise
+    levels were chosen on seeds 1000..)."""
+    sys.path.insert(0, str(REPO))
+    import negatives as N
+    from modules import negative_verdict as V
+    from modules import sd_models
+    sd = sd_models.load_model(model_dir, device="cpu")
+    out = dict(seeds=n_seeds, seed0=seed0, timesteps=list(V.DEFAULT_TIMESTEPS),
+               noise_per_level=V.DEFAULT_NOISE_PER_LEVEL)
+    for kind, (prompts, words, attribute) in VERDICT_SETS.items():
+        images, judged = [], []
+        for prompt in prompts:
+            arrays = N.generate(sd, prompt, "", n_seeds, seed0)
+            images += [Image.fromarray(a) for a in arrays]
+            judged += [S.judge(a) for a in arrays]
+        t0, per_word, pooled_s, pooled_l, cost = time.time(), {}, [], [], 0
+        for word in words:
+            verdicts = V.score_images(sd, images, [word] * len(images), 1)
+            scores = [v["score"] for v in verdicts]
+            labels = [j[attribute] == word for j in judged]
+            cost += sum(v["unet_evaluations"] for v in verdicts)
+            per_word[word] = dict(auc=V.roc_auc(scores, labels), positives=int(sum(labels)), images=len(labels))
+            pooled_s += scores
+            pooled_l += labels
+        aucs = [w["auc"] for w in per_word.values() if w["auc"] is not None]
+        out[kind] = dict(prompts=prompts, images=len(images), per_word=per_word, auc_pooled=V.roc_auc(pooled_s, pooled_l),
+                         auc_mean_over_words=float(np.mean(aucs)) if aucs else None,
+                         unet_evaluations_per_image=cost // (len(images) * len(words)),
+                         seconds_per_verdict=round((time.time() - t0) / (len(images) * len(words)), 3))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("report", choices=["prompts", "negatives", "schedule", "samplers", "rules", "all"])
+    ap.add_argument("report", choices=["prompts", "negatives", "schedule", "samplers", "rules", "verdict", "all"])
     ap.add_argument("--setting", action="append", help="rules report: only these settings of training/negatives.py")
+    ap.add_argument("--case", action="append", help="rules report: only these cases (prompt, or 'prompt | negative: x')")
+    ap.add_argument("--verdict-seeds", type=int, default=20, help="verdict report: seeds per prompt")
     ap.add_argument("--sampler", action="append", help="samplers report: only these (default: all)")
     ap.add_argument("--steps", type=int, default=20, help="samplers report: sampling steps")
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -297,14 +350,31 @@ def main(argv=None):
         res["schedule"] = report_schedule(model, args.neg_seeds)
     if args.report == "samplers":  # not part of "all": 13 samplers x 45 prompts is long on a CPU
         res["samplers"] = report_samplers(model, args.seeds, steps=args.steps, names=args.sampler)
+    res["command"] = "python training/evaluate.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.json) if args.json else model / {"samplers": "eval_samplers.json", "rules": "eval_rules.json",
+                                                     "verdict": "eval_verdict.json"}.get(args.report, "eval.json")
     if args.report == "rules":  # issue 9: removal / keep rates of each negative-guidance setting, via the engine
         import negatives
-        res["rules"] = negatives.report(model, args.neg_seeds, settings=args.setting)
+        partial = bool(args.setting or args.case)
+        old = json.loads(out.read_text()) if partial and out.exists() else {}
+        commands = [*old.get("commands", [old["command"]] if "command" in old else []), res["command"]]
+
+        def write(rules):  # after each case, so an interrupted run keeps what it measured
+            merged = negatives.merge(old.get("rules", {}), rules)
+            out.write_text(json.dumps(dict(res, rules=merged, targets=negatives.targets(merged), commands=commands,
+                                           seconds=round(time.time() - t0, 1)), indent=1) + "\n")
+            return merged
+
+        done = {}
+        negatives.report(model, args.neg_seeds, settings=args.setting, cases=args.case,
+                         on_case=lambda key, row: write({**done, key: done.setdefault(key, row)}))
+        res["rules"] = write(done)
+        res["targets"] = negatives.targets(res["rules"])
+        res["commands"] = commands
         print(negatives.format_tables(res["rules"]))
+    if args.report == "verdict":
+        res["verdict"] = report_verdict(model, args.verdict_seeds)
     res["seconds"] = round(time.time() - t0, 1)
-    res["command"] = "python training/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.json) if args.json else model / {"samplers": "eval_samplers.json", "rules": "eval_rules.json"}.get(
-        args.report, "eval.json")
     if args.report == "samplers":
         old = json.loads(out.read_text()).get("samplers", {}) if out.exists() else {}
         res["samplers"] = merge_sampler_rows(old, res["samplers"], res["command"])

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Write the tiny-shapes model card (README.md) from the model folder's measurements.
 
-Every figure comes from train_log.json, eval.json, eval_samplers.json and eval_rules.json; the
+Every figure comes from train_log.json, eval.json, eval_samplers.json, eval_rules.json and
+eval_verdict.json; the
 reading of them, which a script cannot write, comes from training/model_card_notes.md.
 
     python training/model_card.py --model models/Stable-diffusion/tiny-shapes
@@ -216,11 +217,52 @@ def main(argv=None):
 
         L.append("## Negative guidance rules (issue 9)\n")
         L.append("Same seeds with and without the negative prompt, through the project's engine "
-                 "(`process_images`, DDIM 20 steps, CFG 7), judged from pixels. *Removal* = 1 - rate with / "
-                 "rate without of what the negative names; *kept* = the rest of the prompt right, with the "
-                 "negative.\n")
-        L.append("```bash\n" + ev_rules.get("command", "python training/evaluate.py rules") + "\n```\n")
+                 "(`process_images`, DDIM 20 steps, CFG 7 unless the setting says otherwise), judged from pixels. "
+                 "*Removal* = 1 - rate with / rate without of what the negative names; *kept* = the rest of the "
+                 "prompt right, with the negative; *kept of kept* = of the seeds whose image has the rest of the "
+                 "prompt right without the negative, the share that still has it with it. *No negative prompt* "
+                 "is plain CFG at the setting's CFG scale (CFG 1 for the NAG-at-CFG-1 row). The settings' "
+                 "fields are in `training/negatives.py` (`SETTINGS`).\n")
+        commands = ev_rules.get("commands") or [ev_rules.get("command", "python training/evaluate.py rules")]
+        L.append("```bash\n" + "\n".join(dict.fromkeys(commands)) + "\n```\n")
+        if len(commands) > 1:
+            L.append("Rows measured by a later command replace the same rows of an earlier one (the model is "
+                     "the same); *kept of kept* exists only for rows measured since it was added.\n")
         L.append(negatives.format_tables(ev_rules["rules"]))
+        tg = ev_rules.get("targets") or negatives.targets(ev_rules["rules"])
+        if tg:
+            def mark(v):
+                return "n/a" if v is None else ("met" if v else "**not met**")
+            L.append("Targets per setting: *red*: `a circle on a white background` / `red`, removal >= 90% and "
+                     "circle+white kept >= 90%; *circle*: `a blue shape on a gray background` / `circle`, removal "
+                     ">= 90% and blue+gray kept >= 90%; *unrelated*: kept of kept >= 95% in every unrelated case.\n")
+            L.append("| setting | red | circle | unrelated (lowest kept of kept) |\n|---|---|---|---|")
+            for name, t in tg.items():
+                low = t.get("unrelated_min_kept_of_kept")
+                L.append(f"| {name} | {mark(t['red'])} | {mark(t['circle'])} | {mark(t['unrelated'])}"
+                         f"{'' if low is None else f' ({low:.2f})'} |")
+            L.append("")
+    ev_verdict = json.loads((model / "eval_verdict.json").read_text()) if (model / "eval_verdict.json").exists() else {}
+    if ev_verdict.get("verdict"):
+        vd = ev_verdict["verdict"]
+        L.append("### The model's own verdict on the negative\n")
+        L.append("```bash\n" + ev_verdict["command"] + "\n```\n")
+        L.append(f"`modules/negative_verdict.py` scores how strongly an image still shows what a negative prompt "
+                 f"names, with this model as a zero-shot classifier (Li et al. 2023): noise levels "
+                 f"{vd['timesteps']}, {vd['noise_per_level']} fixed noise draws each, the UNet's noise-prediction "
+                 f"error under the negative vs the empty prompt. Images of prompts that leave the colour (or the "
+                 f"shape) open, {vd['seeds']} seeds each from seed {vd['seed0']}, no negative, judged from pixels; "
+                 f"each scored with every colour (shape) word as the negative. ROC AUC of the score for \"the "
+                 f"image has that colour (shape)\" (target 0.9):\n")
+        L.append("| attribute | images | AUC pooled over the words | mean AUC per word | per word | UNet rows per verdict | |"
+                 "\n|---|---|---|---|---|---|---|")
+        for kind in ("colour", "shape"):
+            r = vd[kind]
+            words = ", ".join(f"{w} {v['auc']:.2f}" if v["auc"] is not None else f"{w} n/a"
+                              for w, v in r["per_word"].items())
+            L.append(f"| {kind} | {r['images']} | {r['auc_pooled']:.3f} | {r['auc_mean_over_words']:.3f} | {words} | "
+                     f"{r['unet_evaluations_per_image']} | {ok(r['auc_pooled'], 0.9)} |")
+        L.append("")
     notes = Path(args.notes_file)
     if notes.exists():
         L.append(notes.read_text().strip() + "\n")

@@ -149,6 +149,51 @@ class TextToImageCompareResponse(BaseModel):
     info_compare: str
 
 
+class ImageToImageResponse(TextToImageResponse):
+    pass
+
+
+class ExtrasBaseRequest(BaseModel):
+    """AUTOMATIC1111's extras fields; face restoration fields are accepted and must be 0 (none installed)."""
+    model_config = ConfigDict(extra="allow")
+    resize_mode: int = Field(default=0, description="0: by upscaling_resize, 1: to upscaling_resize_w x h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(default=0, ge=0, le=0, description="No face restorers are installed: 0")
+    codeformer_visibility: float = Field(default=0, ge=0, le=0, description="No face restorers are installed: 0")
+    codeformer_weight: float = 0
+    upscaling_resize: float = Field(default=2, ge=1, le=8)
+    upscaling_resize_w: int = Field(default=512, ge=1, le=4096)
+    upscaling_resize_h: int = Field(default=512, ge=1, le=4096)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(default=0, ge=0, le=1)
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasBaseRequest):
+    image: str = Field(default="", description="base64 image (PNG, JPEG or WebP)")
+
+
+class FileData(BaseModel):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasBaseRequest):
+    imageList: list[FileData] = Field(default_factory=list)
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str
+    image: Optional[str] = None
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
 class PNGInfoRequest(BaseModel):
     image: str = Field(description="The image: base64, or a data:image/...;base64, URI")
 
@@ -196,30 +241,6 @@ def encode_pil_to_base64(image: Image.Image, infotext: str | None) -> str:
     return base64.b64encode(images_module.png_bytes(image, infotext)).decode("ascii")
 
 
-def decode_base64_to_image(text: str) -> Image.Image:
-    """Raw base64 or a data URI -> an opened image; anything else is a 422, never a 500."""
-    text = text.strip()
-    if text.startswith(("http://", "https://")):
-        raise InvalidParameter("Image URLs are not accepted: send the image as base64", field="image")
-    if text.startswith("data:"):
-        header, sep, text = text.partition(",")
-        if not sep or ";base64" not in header:
-            raise InvalidParameter("Invalid encoded image: a data URI must be base64", field="image")
-    try:
-        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise InvalidParameter(f"Invalid encoded image: not base64 ({e})", field="image") from e
-    try:
-        image = Image.open(io.BytesIO(data))
-        try:
-            image.load()  # text chunks after the image data are only read here
-        except Exception:
-            pass
-    except Exception as e:
-        raise InvalidParameter(f"Invalid encoded image: {type(e).__name__}: {e}", field="image") from e
-    return image
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # NaN/Infinity: Python's JSON reads them, strict JSON cannot carry them back
@@ -265,6 +286,23 @@ class Api:
                                            "return": TextToImageCompareResponse}
         router.add_api_route("/txt2img-compare", txt2img_compare, methods=["POST"],
                              response_model=TextToImageCompareResponse)
+        Img2Img = self.Img2ImgRequest = build_request_model("img2img", "StableDiffusionProcessingImg2Img")
+
+        async def img2img(req: Img2Img, request: Request) -> ImageToImageResponse:  # type: ignore[valid-type]
+            return await self.img2imgapi(req, request)
+
+        img2img.__annotations__ = {"req": Img2Img, "request": Request, "return": ImageToImageResponse}
+        router.add_api_route("/img2img", img2img, methods=["POST"], response_model=ImageToImageResponse)
+        router.add_api_route("/extra-single-image", self.extras_single, methods=["POST"],
+                             response_model=ExtrasSingleImageResponse)
+        router.add_api_route("/extra-batch-images", self.extras_batch, methods=["POST"],
+                             response_model=ExtrasBatchImagesResponse)
+        router.add_api_route("/upscalers", self.get_upscalers, methods=["GET"])
+        router.add_api_route("/latent-upscale-modes", self.get_latent_upscale_modes, methods=["GET"])
+        router.add_api_route("/embeddings", self.get_embeddings, methods=["GET"])
+        router.add_api_route("/refresh-embeddings", self.refresh_embeddings, methods=["POST"])
+        router.add_api_route("/loras", self.get_loras, methods=["GET"])
+        router.add_api_route("/refresh-loras", lambda: None, methods=["POST"])  # the folder is read at each listing
         router.add_api_route("/progress", self.progressapi, methods=["GET"], response_model=ProgressResponse)
         router.add_api_route("/interrupt", self.interruptapi, methods=["POST"])
         router.add_api_route("/skip", self.skipapi, methods=["POST"])
@@ -359,6 +397,85 @@ class Api:
             "info_compare": json.dumps(other.js()),
         }
 
+    async def img2imgapi(self, req: BaseModel, request: Request) -> dict:
+        job = await run_in_threadpool(self.job, "img2img", req)
+        processed = await self.run(request, job)
+        images = [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)] \
+            if job.send_images else []
+        parameters = _jsonable(req.model_dump())
+        if not req.model_dump().get("include_init_images"):  # AUTOMATIC1111 leaves the init images out
+            parameters["init_images"], parameters["mask"] = None, None
+        return {"images": images, "parameters": parameters, "info": json.dumps(processed.js())}
+
+    # -- extras: upscaling ------------------------------------------------------------------
+    def _upscale(self, image: Image.Image, req: "ExtrasBaseRequest") -> Image.Image:
+        from modules import upscaler
+
+        names = upscaler.upscaler_names(self.ctx.models_dir)
+        first = req.upscaler_1 or "None"
+        if first not in names:
+            raise InvalidParameter(f"Unknown upscaler {first!r}. Available: {', '.join(names)}", field="upscaler_1")
+        if req.upscaling_resize not in (None,) and not 1 <= req.upscaling_resize <= 8:
+            raise InvalidParameter("upscaling_resize must be between 1 and 8", field="upscaling_resize")
+        if req.resize_mode == 1:
+            size = (req.upscaling_resize_w, req.upscaling_resize_h)
+            if not all(isinstance(v, int) and 1 <= v <= 4096 for v in size):
+                raise InvalidParameter("upscaling_resize_w/h must be 1..4096", field="upscaling_resize_w")
+            kwargs = {"size": size}
+        else:
+            kwargs = {"scale": req.upscaling_resize}
+            if max(image.size) * req.upscaling_resize > 4096:
+                raise InvalidParameter("the upscaled image would be over 4096 px a side", field="upscaling_resize")
+        allow = bool(getattr(self.ctx.args, "allow_pickle_checkpoints", False))
+        out = upscaler.upscale_image(image, first, models_dir=self.ctx.models_dir, allow_pickle=allow, **kwargs)
+        second = req.upscaler_2 or "None"
+        if second != "None" and req.extras_upscaler_2_visibility > 0:
+            if second not in names:
+                raise InvalidParameter(f"Unknown upscaler {second!r}", field="upscaler_2")
+            other = upscaler.upscale_image(image, second, models_dir=self.ctx.models_dir, allow_pickle=allow,
+                                           size=out.size)
+            out = Image.blend(out.convert("RGB"), other.convert("RGB"), float(req.extras_upscaler_2_visibility))
+        return out
+
+    def extras_single(self, req: "ExtrasSingleImageRequest") -> dict:
+        image = images_module.decode_base64_image(req.image, field="image", max_side=jobs.MAX_IMAGE_SIDE)
+        out = self._upscale(image, req)
+        return {"html_info": "", "image": encode_pil_to_base64(out, None)}
+
+    def extras_batch(self, req: "ExtrasBatchImagesRequest") -> dict:
+        images = [images_module.decode_base64_image(item.data, field="imageList", max_side=jobs.MAX_IMAGE_SIDE)
+                  for item in req.imageList]
+        return {"html_info": "", "images": [encode_pil_to_base64(self._upscale(im, req), None) for im in images]}
+
+    def get_upscalers(self) -> list[dict]:
+        from modules import upscaler
+
+        return [u.js() for u in upscaler.list_upscalers(self.ctx.models_dir)]
+
+    def get_latent_upscale_modes(self) -> list[dict]:
+        from modules import upscaler
+
+        return upscaler.latent_upscale_modes()
+
+    # -- embeddings, LoRA, styles ------------------------------------------------------------
+    def get_embeddings(self) -> dict:
+        from modules import textual_inversion
+
+        if self.ctx.model is None:
+            return {"loaded": {}, "skipped": {}}
+        return textual_inversion.get_embeddings(self.ctx.model)
+
+    def refresh_embeddings(self) -> None:
+        from modules import textual_inversion
+
+        if self.ctx.model is not None:
+            textual_inversion.refresh_embeddings(self.ctx.model)
+
+    def get_loras(self) -> list[dict]:
+        from modules import extra_networks_lora
+
+        return extra_networks_lora.get_loras(getattr(self.ctx.args, "lora_dir", None) or self.ctx.models_dir / "Lora")
+
     # -- progress, interrupt, skip -------------------------------------------------------------
     async def progressapi(self, request: Request, skip_current_image: bool = False) -> dict:
         """A coroutine, like interrupt: it answers even while queued requests hold every worker thread.
@@ -419,13 +536,11 @@ class Api:
 
     # -- png-info ----------------------------------------------------------------------------
     def pnginfoapi(self, req: PNGInfoRequest) -> dict:
+        """The image's text chunks, read without decoding its pixels (PNG, JPEG and WebP only)."""
         if not req.image.strip():
             return {"info": "", "items": {}, "parameters": {}}
-        image = decode_base64_to_image(req.image)
-        items = {k: _jsonable(v) for k, v in (image.info or {}).items() if not isinstance(v, bytes)}
+        items = dict(images_module.read_image_text(images_module.decode_base64_bytes(req.image, field="image")))
         geninfo = items.pop("parameters", None) or ""
-        for key in ("dpi", "exif", "icc_profile", "loop", "duration", "background", "transparency"):
-            items.pop(key, None)
         params = images_module.parse_generation_parameters(geninfo) if geninfo else {}
         return {"info": geninfo, "items": items, "parameters": params}
 
@@ -462,7 +577,8 @@ class Api:
         return {"txt2img": [XYZ_PLOT.lower()], "img2img": []}
 
     def get_prompt_styles(self) -> list:
-        return []
+        self.ctx.styles.reload()
+        return self.ctx.styles.prompt_styles()
 
     def get_sd_vaes(self) -> list:
         return [v.api() for v in self.ctx.vaes]

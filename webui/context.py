@@ -23,6 +23,12 @@ from modules.sd_samplers_common import AfterSampleHook
 log = logging.getLogger("webui")
 
 
+def cmd_args_repo() -> Path:
+    from modules import cmd_args
+
+    return cmd_args.REPO
+
+
 class WebUIContext:
     def __init__(self, args, model: sd_models.SDModel | None = None):
         self.args = args
@@ -40,6 +46,12 @@ class WebUIContext:
         self.checkpoint: sd_models.CheckpointInfo | None = None  # the loaded model's entry
         self.unloaded_path: Path | None = None  # the checkpoint unload-checkpoint freed, for reload-checkpoint
         self._speed = None  # (model, job_cost.UnetSpeed) once measured
+        self.models_dir = Path(getattr(args, "models_dir", None) or cmd_args_repo() / "models")  # ESRGAN/, Lora/, ...
+        from modules import styles as styles_module
+
+        self.styles = styles_module.StyleDatabase(getattr(args, "styles_file", None) or [])
+        for warning in self.styles.warnings:
+            log.warning("styles: %s", warning)
         self.vaes = self.refresh_vaes()
         if model is not None:
             self.checkpoint = self._info_for_path(Path(model.path))

@@ -22,11 +22,15 @@ from modules import images as images_module
 from modules import processing, sd_samplers
 from modules.errors import InvalidParameter
 from modules.job_state import JobState
-from modules.processing import Processed, StableDiffusionProcessing, StableDiffusionProcessingTxt2Img
+from modules.processing import (Processed, StableDiffusionProcessing, StableDiffusionProcessingImg2Img,
+                                StableDiffusionProcessingTxt2Img)
 from modules.scripts import XYZ_PLOT, xyz_grid
 from modules.sd_samplers_common import AfterSampleHook
 
-PROCESSING_CLASSES: dict[str, type[StableDiffusionProcessing]] = {"txt2img": StableDiffusionProcessingTxt2Img}
+PROCESSING_CLASSES: dict[str, type[StableDiffusionProcessing]] = {"txt2img": StableDiffusionProcessingTxt2Img,
+                                                                  "img2img": StableDiffusionProcessingImg2Img}
+MAX_IMAGE_SIDE = 2048  # init images and masks: no side larger (decompression bombs are refused before decoding)
+PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
 
 # Processing fields a request may not set: where files are written is the server's business.
 NOT_FROM_REQUEST = {"outpath_samples", "do_not_save_samples"}
@@ -217,6 +221,15 @@ def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler",
     values.setdefault("width", size)
     values.setdefault("height", size)
     values = {k: coerce(k, v, types.get(k, Any)) for k, v in values.items()}
+    if "init_images" in fields:
+        values["init_images"] = [request_image(im, "init_images") for im in values.get("init_images") or []]
+        if not values["init_images"]:
+            raise InvalidParameter("img2img needs an init image (init_images)", field="init_images")
+        if values.get("mask") is not None:
+            values["mask"] = request_image(values["mask"], "mask")
+    for name in PROMPT_FIELDS:
+        if isinstance(values.get(name), str):
+            check_prompt(values[name], name)
     for key in ("seed", "subseed"):
         if key in values and not -(2 ** 63) <= values[key] < 2 ** 63 - 10_000:
             raise InvalidParameter(f"{key} is out of range", field=key)
@@ -227,13 +240,47 @@ def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler",
     send = request.get("send_images", True)
     p = PROCESSING_CLASSES[kind](**values, do_not_save_samples=not save,
                                  outpath_samples=str(ctx.outdir(kind)))
+    p.upscaler_models_dir = getattr(ctx, "models_dir", None)
+    p.allow_pickle_upscalers = bool(getattr(getattr(ctx, "args", None), "allow_pickle_checkpoints", False))
+    warnings = apply_styles(ctx, p)
     script = make_script(request, p)
     if ctx.model is not None:
         processing.validate(p, ctx.model)
     if check_cost and hasattr(ctx, "check_cost"):  # --max-job-seconds
         ctx.check_cost(p, runs=script.runs if script is not None else 1)
     keep = request.get("override_settings_restore_afterwards", True) is False
-    return Job(kind, p, script, checkpoint, keep, send_images=send is not False)
+    return Job(kind, p, script, checkpoint, keep, send_images=send is not False, warnings=warnings)
+
+
+def request_image(value: Any, field: str):
+    """An image of a request: a PIL image (the page) or base64 / a data URI (the API), checked before decoding."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        if max(value.size) > MAX_IMAGE_SIDE:
+            raise InvalidParameter(f"{field}: images may be at most {MAX_IMAGE_SIDE} px a side, got "
+                                   f"{value.size[0]}x{value.size[1]}", field=field)
+        return value
+    if not isinstance(value, str):
+        raise InvalidParameter(f"{field} must be base64 images", field=field)
+    return images_module.decode_base64_image(value, field=field, max_side=MAX_IMAGE_SIDE)
+
+
+def check_prompt(text: str, field: str) -> None:
+    """The prompt parser's bounds and AUTOMATIC1111's syntax checks, before the job queues (a 422 naming the field)."""
+    from modules import prompt_parser
+
+    check = getattr(prompt_parser, "check_prompt", None)
+    if check is not None:
+        check(text, field)
+
+
+def apply_styles(ctx, p: StableDiffusionProcessing) -> list[str]:
+    """The job's `styles` expanded into its prompts (styles.csv); unknown names are warnings, as AUTOMATIC1111."""
+    db = getattr(ctx, "styles", None)
+    if not p.styles or db is None:
+        return []
+    return list(db.apply_to_job(p) or [])
 
 
 def is_xyz(name: Any) -> bool:
@@ -246,8 +293,18 @@ def make_script(request: dict, p: StableDiffusionProcessing) -> ScriptRun | None
     name = request.get("script_name")
     if name in (None, "", "None"):
         return None
+    if isinstance(name, str) and name.strip().lower() == "sd upscale" and isinstance(p, StableDiffusionProcessingImg2Img):
+        from modules.scripts import sd_upscale
+
+        args = request.get("script_args") or []
+
+        def run_upscale(model, job, hooks=(), state=None):
+            return sd_upscale.run_sd_upscale(model, job, args, hooks=hooks, state=state)
+
+        return ScriptRun(sd_upscale.SD_UPSCALE, run_upscale)
     if not is_xyz(name):
-        raise InvalidParameter(f"script {name!r} is not supported by this server (available: {XYZ_PLOT.lower()})",
+        available = XYZ_PLOT.lower() + (", sd upscale" if isinstance(p, StableDiffusionProcessingImg2Img) else "")
+        raise InvalidParameter(f"script {name!r} is not supported by this server (available: {available})",
                                field="script_name")
     raw = request.get("script_args")
     if raw in (None, []):
@@ -279,8 +336,26 @@ def compare_jobs(job: Job, compare_with: Any) -> tuple[Job, Job]:
 
 
 def run_job(ctx, job: Job, state: JobState | None = None, hooks: list[AfterSampleHook] = ()) -> Processed:
-    """Run the job on the queue back-end (waits for its turn; `state` may be interrupted meanwhile)."""
-    return ctx.run(job, state or JobState(), list(hooks))
+    """Run the job on the queue back-end (waits for its turn; `state` may be interrupted meanwhile).
+
+    With `negative_report`, each image then gets the model's own verdict on how strongly it still
+    shows its negative prompt (modules/negative_verdict.py), in `Processed.negative_report`."""
+    processed = ctx.run(job, state or JobState(), list(hooks))
+    if job.warnings:
+        processed.comments = "\n".join(filter(None, [processed.comments, *job.warnings]))
+    if getattr(job.p, "negative_report", False) and processed.images and ctx.model is not None \
+            and job.script is None:
+        processed.negative_report = negative_report(ctx, job, processed.images, processed.all_negative_prompts)
+    return processed
+
+
+def negative_report(ctx, job: Job, images: list, negative_prompts: list[str]) -> list[dict]:
+    """The verdict for each image, scored on the loaded model between jobs (it holds the queue meanwhile)."""
+    from modules import negative_verdict
+
+    with ctx.queue_lock:
+        return negative_verdict.score_images(ctx.model, images, list(negative_prompts[:len(images)]),
+                                             clip_skip=job.p.clip_skip)
 
 
 # -- the page's inputs -------------------------------------------------------------------------

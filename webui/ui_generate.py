@@ -33,6 +33,20 @@ def page_job(ctx, values: dict[str, Any], kind: str = "txt2img", check_cost: boo
     return jobs.make_job(kind, jobs.page_request(values, ctx.options), ctx, check_cost=check_cost)
 
 
+def verdict_html(processed) -> str:
+    """The negative-prompt verdict of each image (modules/negative_verdict.py), under the result."""
+    if not processed.negative_report:
+        return ""
+    rows = []
+    for seed, report in zip(processed.all_seeds, processed.negative_report):
+        if report.get("score") is None:
+            continue
+        rows.append(f"seed {seed}: P(shows “{report['negative']}”) = {report['probability']:.2f} "
+                    f"(score {report['score']:+.4f}, {report['unet_evaluations']} UNet evaluations)")
+    return ('<div class="sdneg-infotext"><b>Did the negative work?</b> The model as its own judge\n'
+            + "\n".join(rows) + "</div>") if rows else ""
+
+
 def reached(recorder: inspector.TrajectoryRecorder, steps: int) -> str:
     """`step 38/150` (and `· batch 2/4`) of the last step a job completed."""
     records = recorder.records()
@@ -158,7 +172,7 @@ class GenerateHandler:
         return {
             t.preview_gallery: list(items),
             t.gallery: outputs,
-            t.info: infotext_html(processed.info),
+            t.info: infotext_html(processed.info) + verdict_html(processed),
             t.trajectory: gr.update(value=str(animation), visible=True) if animation else gr.update(visible=False),
             t.progress: progress_html(status, 0.0 if processed.interrupted else 1.0),
             t.last_job: {"seeds": processed.all_seeds[:len(outputs)], "infotexts": processed.infotexts},

@@ -129,6 +129,19 @@ def build_guidance_accordion(ctx, kind: str, fields: dict) -> None:
             fields["s_min_uncond"] = gr.Slider(0, 15, value=lambda: ctx.options.get("s_min_uncond") or 0, step=0.1,
                                                label="Negative Guidance minimum sigma (NGMS)",
                                                elem_id=f"{kind}_s_min_uncond")
+        gr.Markdown("**NAG** (Normalized Attention Guidance): the negative acts inside the cross-attention, so it "
+                    "works at CFG 1 (distilled models). Scale 1 = off.")
+        with gr.Row():
+            fields["nag_scale"] = gr.Slider(1, 20, value=1, step=0.25, label="NAG scale", elem_id=f"{kind}_nag_scale")
+            fields["nag_tau"] = gr.Slider(1, 10, value=2.5, step=0.1, label="NAG tau", elem_id=f"{kind}_nag_tau")
+            fields["nag_alpha"] = gr.Slider(0, 1, value=0.5, step=0.05, label="NAG alpha",
+                                            elem_id=f"{kind}_nag_alpha")
+        with gr.Row():
+            fields["nag_start"] = gr.Slider(0, 1, value=0, step=0.05, label="NAG start", elem_id=f"{kind}_nag_start")
+            fields["nag_end"] = gr.Slider(0, 1, value=1, step=0.05, label="NAG end", elem_id=f"{kind}_nag_end")
+        fields["negative_report"] = gr.Checkbox(value=False, label="After the job: the model's own verdict on whether "
+                                                "each image still shows the negative prompt",
+                                                elem_id=f"{kind}_negative_report")
 
 
 def build_script_controls(kind: str, fields: dict, c: dict) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import math
 import random
 import re
 import time
@@ -47,10 +48,29 @@ MAX_CELLS = 512  # a bigger plot is almost certainly a typo in a range; refused 
 
 # ---- value parsing ---------------------------------------------------------------------------------
 
-re_range = re.compile(r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\(([+-]\d+)\s*\))?\s*")
-re_range_float = re.compile(r"\s*([+-]?\s*\d+(?:\.\d*)?)\s*-\s*([+-]?\s*\d+(?:\.\d*)?)(?:\s*\(([+-]\d+(?:\.\d*)?)\s*\))?\s*")
-re_range_count = re.compile(r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\[(\d+)\s*])?\s*")
-re_range_count_float = re.compile(r"\s*([+-]?\s*\d+(?:\.\d*)?)\s*-\s*([+-]?\s*\d+(?:\.\d*)?)(?:\s*\[(\d+(?:\.\d*)?)\s*])?\s*")
+# Each space between the parts is read by exactly one `\s*`, so a failed match backtracks in
+# linear time (A1111's patterns, `\s*[+-]?\s*\d+` and `(?:\s*\(...\))?\s*`, try every split of
+# a run of spaces between two `\s*`: seconds for a value with a few thousand spaces).
+re_range = re.compile(r"\s*((?:[+-]\s*)?\d+)\s*-\s*((?:[+-]\s*)?\d+)\s*(?:\(([+-]\d+)\s*\)\s*)?")
+re_range_float = re.compile(
+    r"\s*((?:[+-]\s*)?\d+(?:\.\d*)?)\s*-\s*((?:[+-]\s*)?\d+(?:\.\d*)?)\s*(?:\(([+-]\d+(?:\.\d*)?)\s*\)\s*)?")
+re_range_count = re.compile(r"\s*((?:[+-]\s*)?\d+)\s*-\s*((?:[+-]\s*)?\d+)\s*(?:\[(\d+)\s*]\s*)?")
+re_range_count_float = re.compile(
+    r"\s*((?:[+-]\s*)?\d+(?:\.\d*)?)\s*-\s*((?:[+-]\s*)?\d+(?:\.\d*)?)\s*(?:\[(\d+(?:\.\d*)?)\s*]\s*)?")
+
+
+class TooManyValues(ValueError):
+    """An axis whose values (ranges counted before they are expanded) exceed the plot's cell limit.
+
+    `count` is the number of values up to and including the range that went over (-1: too
+    many to count), `more` whether values after it were left uncounted.
+    """
+
+    def __init__(self, count: int, limit: int, more: bool = False):
+        self.count, self.limit, self.more = count, limit, more
+        shown = str(count) if count < 10**15 else f"about {float(count):.2e}"
+        super().__init__("gives too many values to count" if count < 0 else
+                         f"gives {'at least ' if more else ''}{shown} values")
 
 
 def csv_string_to_list_strip(text: str) -> list[str]:
@@ -59,46 +79,99 @@ def csv_string_to_list_strip(text: str) -> list[str]:
     return [v.strip() for row in rows for v in row]
 
 
+def _shorten(text: str, length: int = 40) -> str:
+    return text if len(text) <= length else f"{text[:length // 2]}...{text[-8:]} ({len(text)} characters)"
+
+
 def _num(text: str, kind: type) -> Any:
-    return kind(text.replace(" ", ""))
+    value = kind(text.replace(" ", ""))
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{_shorten(text.strip())} is not a finite number")
+    return value
 
 
-def expand_int(values: list[str]) -> list[int]:
-    """Integers, `a-b`, `a-b (+s)`, `a-b [n]`."""
+def _count_int_range(start: int, end: int, step: int) -> int:
+    # len(range(start, end + (1 if step > 0 else -1), step)), for integers of any size.
+    if step > 0:
+        return (end - start) // step + 1 if end >= start else 0
+    return (start - end) // -step + 1 if start >= end else 0
+
+
+def _count_float_range(start: float, end: float, step: float) -> int:
+    # len(np.arange(start, end + step, step)), computed without making the array (-1: too many to say).
+    count = ((end + step) - start) / step
+    return max(0, math.ceil(count)) if math.isfinite(count) else -1
+
+
+def expand_int(values: list[str], limit: int | None = MAX_CELLS) -> list[int]:
+    """Integers, `a-b`, `a-b (+s)`, `a-b [n]`.
+
+    With `limit`, raises TooManyValues as soon as the values would be more than `limit`:
+    each range is counted (arithmetically) before it is expanded, so `1-10000000` costs
+    nothing. A step of 0 and a count below 1 are ValueErrors.
+    """
     out: list[int] = []
-    for value in values:
+    for index, value in enumerate(values):
+        more = index < len(values) - 1
         m, mc = re_range.fullmatch(value), re_range_count.fullmatch(value)
         if m is not None:
             start, end = _num(m.group(1), int), _num(m.group(2), int)
             step = int(m.group(3)) if m.group(3) is not None else 1
             if step == 0:
                 raise ValueError(f"a range step cannot be 0: {value!r}")
+            count = _count_int_range(start, end, step)
+            if limit is not None and len(out) + count > limit:
+                raise TooManyValues(len(out) + count, limit, more)
             out += list(range(start, end + (1 if step > 0 else -1), step))
         elif mc is not None:
             start, end, num = _num(mc.group(1), int), _num(mc.group(2), int), int(mc.group(3))
+            if num < 1:
+                raise ValueError(f"a range needs a count of at least 1: {value!r}")
+            if limit is not None and len(out) + num > limit:
+                raise TooManyValues(len(out) + num, limit, more)
             out += [int(x) for x in np.linspace(start, end, num)]
         else:
             out.append(int(value))
+            if limit is not None and len(out) > limit:
+                raise TooManyValues(len(out), limit, more)
     return out
 
 
-def expand_float(values: list[str]) -> list[float]:
-    """Numbers, `a-b` (step 1), `a-b (+s)`, `a-b [n]`."""
+def expand_float(values: list[str], limit: int | None = MAX_CELLS) -> list[float]:
+    """Numbers, `a-b` (step 1), `a-b (+s)`, `a-b [n]`.
+
+    With `limit`, as expand_int. Values that are not finite numbers (`inf`, `nan`, 400
+    digits) and a step of 0 are ValueErrors.
+    """
     out: list[float] = []
-    for value in values:
+    for index, value in enumerate(values):
+        more = index < len(values) - 1
         m, mc = re_range_float.fullmatch(value), re_range_count_float.fullmatch(value)
         if m is not None:
             start, end = _num(m.group(1), float), _num(m.group(2), float)
-            step = float(m.group(3)) if m.group(3) is not None else 1.0
+            step = _num(m.group(3), float) if m.group(3) is not None else 1.0
             if step == 0:
                 raise ValueError(f"a range step cannot be 0: {value!r}")
+            count = _count_float_range(start, end, step)
+            if limit is not None and (count < 0 or len(out) + count > limit):
+                raise TooManyValues(len(out) + count if count >= 0 else -1, limit, more)
             # AUTOMATIC1111: np.arange(start, end + step, step); rounding keeps 0.1-steps clean
             out += [round(float(x), 8) for x in np.arange(start, end + step, step)]
         elif mc is not None:
-            start, end, num = _num(mc.group(1), float), _num(mc.group(2), float), int(float(mc.group(3)))
-            out += [round(float(x), 8) for x in np.linspace(start, end, num)]
+            start, end = _num(mc.group(1), float), _num(mc.group(2), float)
+            num = _num(mc.group(3), float)
+            if num < 1:
+                raise ValueError(f"a range needs a count of at least 1: {value!r}")
+            if limit is not None and len(out) + num > limit:
+                raise TooManyValues(len(out) + int(num), limit, more)
+            out += [round(float(x), 8) for x in np.linspace(start, end, int(num))]
         else:
-            out.append(float(value))
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(f"{_shorten(value)} is not a finite number")
+            out.append(number)
+            if limit is not None and len(out) > limit:
+                raise TooManyValues(len(out), limit, more)
     return out
 
 
@@ -204,13 +277,19 @@ def parse_axis_values(axis: AxisOption, text: Any, which: str = "x", seed_rng: r
                                f"{axis.label} axis: an empty value in {text!r}", field=f"{which}_values")
     try:
         if axis.kind is int:
-            values: list = expand_int(raw)
+            values: list = expand_int(raw, limit=MAX_CELLS)
         elif axis.kind is float:
-            values = expand_float(raw)
+            values = expand_float(raw, limit=MAX_CELLS)
+        elif len(raw) > MAX_CELLS:
+            raise TooManyValues(len(raw), MAX_CELLS)
         else:
             values = raw
-    except ValueError as e:
-        raise InvalidParameter(f"{axis.label} axis: cannot read {text!r} ({e})", field=f"{which}_values") from e
+    except TooManyValues as e:
+        raise InvalidParameter(f"{axis.label} axis ({which.upper()}): {_shorten(str(text), 80)!r} {e}; an X/Y/Z "
+                               f"plot has at most {MAX_CELLS} cells", field=f"{which}_values") from None
+    except (ValueError, OverflowError) as e:
+        raise InvalidParameter(f"{axis.label} axis: cannot read {_shorten(str(text), 80)!r} ({_shorten(str(e), 120)})",
+                               field=f"{which}_values") from e
     if not values:
         raise InvalidParameter(f"{axis.label} axis: {text!r} gives no values", field=f"{which}_values")
     if axis.choices is not None:
