@@ -128,3 +128,21 @@ def test_interrupt_stops_a_1024_pixel_job_within_seconds(server):
     stopped = time.monotonic() - start
     assert box["r"].status_code == 200 and stopped < 5 + 10, stopped  # + the 1024 px VAE decode of the result
     print(f"interrupted a 1024x1024 job in {stopped:.1f} s")
+
+
+def test_an_abandoned_request_is_cancelled(server):
+    """A client that sends a long job and goes away: the job stops, the next one does not wait for it."""
+    import json
+    import socket
+
+    body = json.dumps({**SMALL, "steps": 150, "batch_size": 8, "n_iter": 20}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    deadline = time.monotonic() + 30
+    while not requests.get(f"{server.url}/sdapi/v1/progress", timeout=10).json()["state"]["job"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    sock.close()  # the client is gone
+    r, seconds = timed(lambda: post(server, "txt2img", SMALL))
+    assert r.status_code == 200 and seconds < 10, seconds  # 20 batches of 150 steps would take minutes

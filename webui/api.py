@@ -674,14 +674,21 @@ def install_method_check(app: FastAPI, router: APIRouter) -> None:
     for route in router.routes:
         allowed.setdefault(route.path, set()).update(route.methods or ())
 
-    @app.middleware("http")
-    async def method_not_allowed(request: Request, call_next):
-        methods = allowed.get(request.url.path)
-        if methods and request.method not in methods and not (request.method == "HEAD" and "GET" in methods):
-            return JSONResponse(status_code=405, headers={"Allow": ", ".join(sorted(methods))},
-                                content={"error": "MethodNotAllowed", "field": None,
-                                         "detail": f"{request.method} is not allowed here; use {', '.join(sorted(methods))}"})
-        return await call_next(request)
+    class MethodCheck:  # plain ASGI, not BaseHTTPMiddleware: that would hide a client's disconnect from the routes
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            methods = allowed.get(scope.get("path")) if scope["type"] == "http" else None
+            method = scope.get("method")
+            if methods and method not in methods and not (method == "HEAD" and "GET" in methods):
+                response = JSONResponse(status_code=405, headers={"Allow": ", ".join(sorted(methods))},
+                                        content={"error": "MethodNotAllowed", "field": None,
+                                                 "detail": f"{method} is not allowed here; use {', '.join(sorted(methods))}"})
+                return await response(scope, receive, send)
+            return await self.inner(scope, receive, send)
+
+    app.add_middleware(MethodCheck)
 
 
 def install_api_log(app: FastAPI) -> None:
