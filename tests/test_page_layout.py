@@ -64,6 +64,7 @@ def run_job(page, prompt="a red circle on a white background", steps=6, width=64
     page.click("#txt2img_generate")
     page.wait_for_function("/^(Done|Interrupted)/.test(document.querySelector('#txt2img_progress').innerText)",
                            timeout=120_000)
+    page.locator("#txt2img_gallery").scroll_into_view_if_needed()  # its images load lazily, when in view
     page.wait_for_function("document.querySelectorAll('#txt2img_gallery img').length > 0 && "
                            "[...document.querySelectorAll('#txt2img_gallery img')].every(i => i.complete && i.naturalWidth)")
 

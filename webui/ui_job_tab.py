@@ -57,7 +57,6 @@ def build_job_tab(ctx, kind: str) -> JobTab:
                                                    placeholder="Negative prompt")
             c["negative_tokens"] = gr.HTML("0/75", elem_id=f"{kind}_negative_token_counter", padding=False,
                                            elem_classes="sdneg-token-counter")
-            build_guidance_accordion(ctx, kind, fields)
         with gr.Column(scale=1, min_width=160):
             c["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{kind}_generate",
                                       elem_classes="sdneg-generate")
@@ -90,6 +89,7 @@ def build_job_tab(ctx, kind: str) -> JobTab:
                 fields["seed"] = gr.Number(value=-1, precision=0, label="Seed", elem_id=f"{kind}_seed", scale=4)
                 c["random_seed"] = gr.Button("⚄", elem_id=f"{kind}_random_seed", elem_classes="sdneg-tool", scale=0)
                 c["reuse_seed"] = gr.Button("♻", elem_id=f"{kind}_reuse_seed", elem_classes="sdneg-tool", scale=0)
+            build_guidance_accordion(ctx, kind, fields)  # with the settings, so the results start beside the prompts
             with gr.Accordion("Live previews", open=True, elem_id=f"{kind}_preview_settings"):
                 c["preview_subject"] = gr.Radio(previews.SUBJECTS, value=previews.SUBJECT_COMBINED,
                                                 label="Preview shows the pred_x0 of", elem_id=f"{kind}_preview_subject")
