@@ -92,30 +92,21 @@ def expand_crop_region(crop_region: tuple[int, int, int, int], processing_width:
     ratio_crop_region = (x2 - x1) / (y2 - y1)
     ratio_processing = processing_width / processing_height
     if ratio_crop_region > ratio_processing:
-        desired_height = (x2 - x1) / ratio_processing
-        diff = int(desired_height - (y2 - y1))
-        y1 -= diff // 2
-        y2 += diff - diff // 2
-        if y2 >= image_height:
-            y1 -= y2 - image_height
-            y2 = image_height
-        if y1 < 0:
-            y2 -= y1
-            y1 = 0
-        y2 = min(y2, image_height)
+        y1, y2 = _grow_span(y1, y2, (x2 - x1) / ratio_processing, image_height)
     else:
-        desired_width = (y2 - y1) * ratio_processing
-        diff = int(desired_width - (x2 - x1))
-        x1 -= diff // 2
-        x2 += diff - diff // 2
-        if x2 >= image_width:
-            x1 -= x2 - image_width
-            x2 = image_width
-        if x1 < 0:
-            x2 -= x1
-            x1 = 0
-        x2 = min(x2, image_width)
+        x1, x2 = _grow_span(x1, x2, (y2 - y1) * ratio_processing, image_width)
     return x1, y1, x2, y2
+
+
+def _grow_span(lo: int, hi: int, size: float, limit: int) -> tuple[int, int]:
+    """One side of `expand_crop_region`: grow [lo, hi) about its centre to `size`, shifted back inside [0, limit)."""
+    diff = int(size - (hi - lo))
+    lo, hi = lo - diff // 2, hi + diff - diff // 2
+    if hi >= limit:
+        lo, hi = lo - (hi - limit), limit
+    if lo < 0:
+        lo, hi = 0, hi - lo
+    return lo, min(hi, limit)
 
 
 def fill(image: Image.Image, mask: Image.Image) -> Image.Image:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable
 
@@ -126,7 +126,7 @@ def apg_update(diff: torch.Tensor, cond: torch.Tensor, eta: float, norm_threshol
                     "apg_orthogonal": orthogonal.flatten(1).norm(dim=1).to(diff.dtype)}
 
 
-def apg_is_neutral(s: "GuidanceSettings") -> bool:
+def apg_is_neutral(s: "RuleParams") -> bool:
     return s.apg_eta == 1 and s.apg_norm_threshold == 0 and s.apg_momentum == 0
 
 
@@ -135,7 +135,7 @@ def apg(base: torch.Tensor, delta_pos: torch.Tensor, scale: float, ctx: StepCont
     guidance `D_cond - D_uncond` first passes a reverse momentum (`running = diff + momentum * running`,
     momentum < 0 in the paper; state per image, reset when a run starts) and the norm clip. eta 1,
     no clip and no momentum is plain CFG (computed as CFG, to the bit)."""
-    s = ctx.settings
+    s = ctx.settings.params
     if apg_is_neutral(s):
         return cfg(base, delta_pos, scale)
     gain = x0_gain(ctx.alpha, ctx.prediction_type)
@@ -202,7 +202,7 @@ def dynamic_thresholding(base: torch.Tensor, delta_pos: torch.Tensor, scale: flo
     """Dynamic thresholding in pred_x0 space ("mimic scale": guide at the CFG scale, but keep the range
     of values CFG at the mimic scale would give). When both scales are the same at this step it is plain
     CFG at that scale (computed as CFG, to the bit)."""
-    s = ctx.settings
+    s = ctx.settings.params
     cfg_now = scheduled_scale(scale, s.dynthres_cfg_mode, s.dynthres_cfg_scale_min, ctx.step, ctx.steps,
                               s.dynthres_sched_val)
     mimic = scheduled_scale(s.dynthres_mimic_scale, s.dynthres_mimic_mode, s.dynthres_mimic_scale_min, ctx.step,
@@ -254,7 +254,7 @@ def dynamic_negative(base: torch.Tensor, delta_pos: torch.Tensor, scale: float, 
     p_t / (1 - p_t)`, where p_t, the model's own estimate that the negative concept is present, starts at
     `dng_prior` and is updated at each new step from the transition the sampler just made. A negative
     the image does not drift towards fades out; one it does is pushed away harder and harder."""
-    s, state = ctx.settings, ctx.state
+    s, state = ctx.settings.params, ctx.state
     p = state.get("dng_p")
     if p is None:
         p = torch.full((base.shape[0],), float(s.dng_prior), dtype=torch.float32, device=base.device)
@@ -303,24 +303,10 @@ def find_guidance_rule(name: str) -> GuidanceRule:
 
 
 @dataclass
-class GuidanceFields:
-    """The guidance fields of a job (StableDiffusionProcessing inherits them, so they are also API,
-    page and infotext fields); the defaults give plain CFG, bit for bit."""
+class RuleParams:
+    """The parameters of the rules that have their own (declared once: they are job, API, page and
+    infotext fields through GuidanceFields, and the denoiser reads them from GuidanceSettings.params)."""
 
-    guidance: str = "CFG"
-    negative_weight: float = 1.0
-    negative_start: float = 0.0
-    negative_end: float = 1.0
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-    cfg_rescale: float = 0.0
-    s_min_uncond: float = 0.0
-    negative_report: bool = False  # after the job: how strongly each image still shows the negative prompt
-    # NAG, with any rule: the paper's scale s (Z = Z+ + (s - 1)(Z+ - Z-)); 1 = off (0 also means off)
-    nag_scale: float = 1.0
-    nag_tau: float = 2.5
-    nag_alpha: float = 0.5
-    nag_start: float = 0.0
-    nag_end: float = 1.0
     # guidance "Dynamic negative": lambda_t = dng_scale * p / (1 - p), p from dng_prior, updated per step
     dng_scale: float = 5.0
     dng_prior: float = 0.01
@@ -340,6 +326,27 @@ class GuidanceFields:
     dynthres_cfg_mode: str = "Constant"
     dynthres_cfg_scale_min: float = 0.0
     dynthres_sched_val: float = 1.0
+
+
+@dataclass
+class GuidanceFields(RuleParams):
+    """The guidance fields of a job (StableDiffusionProcessing inherits them, so they are also API,
+    page and infotext fields); the defaults give plain CFG, bit for bit."""
+
+    guidance: str = "CFG"
+    negative_weight: float = 1.0
+    negative_start: float = 0.0
+    negative_end: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_rescale: float = 0.0
+    s_min_uncond: float = 0.0
+    negative_report: bool = False  # after the job: how strongly each image still shows the negative prompt
+    # NAG, with any rule: the paper's scale s (Z = Z+ + (s - 1)(Z+ - Z-)); 1 = off (0 also means off)
+    nag_scale: float = 1.0
+    nag_tau: float = 2.5
+    nag_alpha: float = 0.5
+    nag_start: float = 0.0
+    nag_end: float = 1.0
 
 
 NAG_FIELDS = ("nag_scale", "nag_tau", "nag_alpha", "nag_start", "nag_end")
@@ -380,22 +387,7 @@ class GuidanceSettings:
     cfg_rescale: float = 0.0
     s_min_uncond: float = 0.0
     nag: NAGSettings | None = None
-    dng_scale: float = 5.0
-    dng_prior: float = 0.01
-    dng_temperature: float = 0.2
-    dng_offset: float = 2e-4
-    dng_p_min: float = 1e-6
-    dng_p_max: float = 0.8
-    apg_eta: float = 0.0
-    apg_norm_threshold: float = 15.0
-    apg_momentum: float = -0.5
-    dynthres_mimic_scale: float = 7.0
-    dynthres_threshold_percentile: float = 1.0
-    dynthres_mimic_mode: str = "Constant"
-    dynthres_mimic_scale_min: float = 0.0
-    dynthres_cfg_mode: str = "Constant"
-    dynthres_cfg_scale_min: float = 0.0
-    dynthres_sched_val: float = 1.0
+    params: RuleParams = field(default_factory=RuleParams)
 
     def scale_at(self, step: int, steps: int) -> float:
         """The guidance scale at 0-based `step`: 1 outside the guidance interval (Kynkäänniemi et al. 2024)."""
@@ -413,10 +405,10 @@ def settings_for(p: GuidanceFields) -> GuidanceSettings:
     """The denoiser's guidance settings for a job."""
     nag = NAGSettings(float(p.nag_scale), float(p.nag_tau), float(p.nag_alpha), float(p.nag_start),
                       float(p.nag_end)) if nag_enabled(p) else None
-    rule_fields = {name: getattr(p, name) for names in RULE_FIELDS.values() for name in names}
+    params = RuleParams(**{f.name: getattr(p, f.name) for f in fields(RuleParams)})
     return GuidanceSettings(find_guidance_rule(p.guidance), p.cfg_scale, p.negative_weight,
                             tuple(float(v) for v in p.guidance_interval), p.cfg_rescale, p.s_min_uncond,
-                            nag=nag, **rule_fields)
+                            nag=nag, params=params)
 
 
 def attention_guidance(model, p: GuidanceFields) -> contextlib.AbstractContextManager:

@@ -192,8 +192,8 @@ def test_apg_rule_works_in_pred_x0_space_with_reverse_momentum():
 
     x, alpha = torch.randn(2, 4, 6, 6), 0.4
     base, delta = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
-    settings = sd_guidance.GuidanceSettings(sd_guidance.find_guidance_rule("APG"), 5.0, apg_eta=0.0,
-                                            apg_norm_threshold=0.0, apg_momentum=-0.5)
+    settings = sd_guidance.GuidanceSettings(sd_guidance.find_guidance_rule("APG"), 5.0, params=sd_guidance.RuleParams(
+        apg_eta=0.0, apg_norm_threshold=0.0, apg_momentum=-0.5))
     ctx = sd_guidance.StepContext(x, alpha, 0, 10, "epsilon", settings, {})
     guided, _ = sd_guidance.apg(base, delta, 5.0, ctx=ctx)
     x0 = lambda e: to_x0(e, x, alpha, "epsilon")  # noqa: E731
