@@ -240,7 +240,7 @@ class RayBackend:
         model_id, vae = self.model_id(job), self.vae_settings()
         p = copy.copy(job.p)  # random seeds drawn once: every try makes the same images
         p.seed, p.subseed = processing.fix_seed(p.seed), processing.fix_seed(p.subseed)
-        travelling = dataclasses.replace(job, p=p)
+        travelling = dataclasses.replace(job, p=p, checkpoint=None)  # the model id names the checkpoint
         flight = _Flight(state)
         with self._lock:
             self._flights[id(flight)] = flight
