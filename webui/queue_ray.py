@@ -226,7 +226,7 @@ class RayBackend:
 
     def vae_settings(self) -> dict:
         args, opts = self.ctx.args, self.ctx.options
-        return {"setting": opts.get("sd_vae"), "vaes": list(self.ctx.vaes or []),
+        return {"setting": opts.get("sd_vae"), "vaes": [dataclasses.replace(v, hash_cache=None) for v in self.ctx.vaes or []],
                 "vae_path": getattr(args, "vae_path", None),
                 "overrides_per_model": opts.get("sd_vae_overrides_per_model_preferences", True),
                 "allow_pickle": bool(getattr(args, "allow_pickle_checkpoints", False))}
@@ -287,7 +287,6 @@ class RayBackend:
                     if who is None:  # routed to a replica that had just died, before it took the job: no try
                         time.sleep(0.2)
                         continue
-                    self.replicas.get(who, {})["state"] = "dead"
                     failures += 1
                     if failures > self.max_retries:
                         raise WorkerLost(f"The job was lost: its worker died on each of {failures} tries (last: "
@@ -374,8 +373,10 @@ class RayBackend:
         live = {n.rsplit("#", 1)[-1] for n in names}
         with self._lock:
             running = {f.worker["id"]: f.state for f in self._flights.values() if f.worker and not f.cancelled}
+            for rid in [r for r, i in self.replicas.items() if r not in live and time.time() - i["seen"] > 600]:
+                del self.replicas[rid]  # a replica dead for 10 minutes is no longer shown
             known = {rid: dict(info) for rid, info in self.replicas.items()}
-        default = Path(self.model_id_default()).name if self.ctx.model is not None else None
+        default = Path(self.ctx.model.path).name if self.ctx.model is not None else None
         for rid in live - known.keys():
             known[rid] = {"id": rid, "checkpoints": [default] if default else [], "device": None, "pid": None}
         out = []
@@ -388,9 +389,6 @@ class RayBackend:
                                                       "job_count": state.job_count}
             out.append(info)
         return out
-
-    def model_id_default(self) -> str:
-        return str(Path(self.ctx.model.path).resolve())
 
     def shutdown(self) -> None:
         """Delete the workers (their GPUs go back to the cluster)."""
