@@ -147,6 +147,10 @@ def test_concurrent_clients_get_their_own_images_bit_equal_to_in_process(cluster
     workers = [w for w in memory["workers"] if w["state"] != "dead"]
     assert len(workers) == 2 and all(w["state"] == "idle" and w["checkpoints"] == ["tiny-a"] for w in workers)
     assert {w["device"] for w in workers} == {"cpu"}
+    from webui.ui_workers import workers_html
+
+    page = workers_html(ctx.backend)  # the Workers tab
+    assert all(f"<td>{w['id']}</td><td>idle</td>" in page for w in workers)
 
 
 def test_interrupt_stops_that_job_only_also_while_it_waits(cluster):
@@ -161,6 +165,8 @@ def test_interrupt_stops_that_job_only_also_while_it_waits(cluster):
         fb = pool.submit(on_ray, ctx, request(12, steps=long_steps), b, [lambda info: b_steps.append(info.step)])
         wa, wb = running_job(ctx, a), running_job(ctx, b)
         assert wa["id"] != wb["id"]
+        states = {w["id"]: (w["state"], (w["job"] or {}).get("steps")) for w in ctx.backend.workers()}
+        assert states[wa["id"]] == states[wb["id"]] == ("running", long_steps)
         fw = pool.submit(on_ray, ctx, request(13, steps=long_steps), waiting)  # both replicas busy: it waits
         time.sleep(0.3)
         waiting.interrupt()
