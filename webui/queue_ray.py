@@ -403,16 +403,18 @@ class RayBackend:
 
 def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: float = 30.0) -> None:
     """Join the Ray cluster at `address` (a clear StartError if it does not answer), or start a local
-    instance on loopback (no dashboard). Replicas import this repository through PYTHONPATH."""
+    instance on loopback (no dashboard). A local instance's workers inherit this process's
+    environment and sys.path; on a cluster the replicas import this repository through PYTHONPATH
+    (a runtime_env: it costs each replica a fresh worker process, hence not used locally)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)
+        return
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                         "HF_HUB_OFFLINE": "1"}}
-    if not address:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
-                 _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
-        return
     host, sep, port = address.split("://", 1)[-1].rpartition(":")
     if not sep or not port.isdigit():
         raise StartError(f"--ray-address {address!r} is not host:port (or ray://host:port)")
