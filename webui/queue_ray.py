@@ -39,12 +39,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, TaskCancelledError, WorkerCrashedError
-from ray.serve.exceptions import RequestCancelledError
+# A job waiting for a busy replica is routed again after Serve's backoff, which grows to 0.5 s by
+# default: an idle gap of up to half a second after each job when every replica is busy. Read at import.
+os.environ.setdefault("RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S", "0.05")
 
-from modules.errors import InvalidParameter, UserError
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, RayActorError,  # noqa: E402
+                            TaskCancelledError, WorkerCrashedError)
+from ray.serve.exceptions import RequestCancelledError  # noqa: E402
+
+from modules.errors import InterruptedException, InvalidParameter, UserError  # noqa: E402
 
 log = logging.getLogger("webui")
 
@@ -266,7 +271,10 @@ class RayBackend:
                                 delivered = seen
                                 self._mirror(state, message[2], note)
                                 state.current_step_info = message[1]
-                                call_hooks(hooks, message[1])
+                                try:
+                                    call_hooks(hooks, message[1])
+                                except InterruptedException:  # a hook stops the job, as in-process
+                                    state.interrupt()
                         elif message[0] == "error":
                             raise message[1]
                         else:  # done
@@ -283,6 +291,8 @@ class RayBackend:
                         raise WorkerLost(flight.cancelled) from None
                     return self.stopped(travelling, state)
                 except WORKER_DEATH as e:
+                    if isinstance(e, ActorUnavailableError):  # it may still be running: never twice at once
+                        flight.response.cancel()
                     who = (flight.worker or {}).get("id")
                     if who is None:  # routed to a replica that had just died, before it took the job: no try
                         time.sleep(0.2)
@@ -307,6 +317,8 @@ class RayBackend:
         from modules import processing
 
         state.interrupt()
+        if self.ctx.model is None:
+            raise InvalidParameter("Interrupted, and no model is loaded to describe the job", field="sd_model_checkpoint")
         run = job.script.run if job.script is not None else processing.process_images
         return run(self.ctx.model, job.p, hooks=[], state=state)
 
