@@ -93,11 +93,27 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("api_auth", "gradio_auth"):
         cmd_args.parse_auth(getattr(args, flag))  # a malformed entry stops here, before the model loads
     path = args.ckpt or cmd_args.DEFAULT_MODEL
+    ray_mode = bool(args.workers or args.ray_address or args.min_workers or args.max_workers)
+    if ray_mode:  # Ray first, so an unreachable --ray-address fails before anything loads
+        from webui import queue_ray
+
+        try:
+            queue_ray.connect(args.ray_address, num_cpus=max(os.cpu_count() or 1, args.workers or 0, args.max_workers or 0))
+        except queue_ray.StartError as e:
+            sys.exit(f"Cannot start: {e}")
+    load_kwargs = sd_models.load_kwargs_from_args(args)
+    if ray_mode:
+        load_kwargs["device"] = "cpu"  # this process only checks jobs and draws previews: the GPUs are the workers'
     try:
-        model = sd_models.load_model(path, **sd_models.load_kwargs_from_args(args))
+        model = sd_models.load_model(path, **load_kwargs)
     except UserError as e:
         sys.exit(f"Cannot start: {e}")
     ctx = WebUIContext(args, model)
+    if ray_mode:
+        try:
+            ctx.backend = queue_ray.start(ctx, args)
+        except queue_ray.StartError as e:
+            sys.exit(f"Cannot start: {e}")
     # the model's UNet speed, for job estimates and --max-job-seconds: measured once, before serving when a
     # limit is set (so no request waits for it), else beside the start-up
     if args.max_job_seconds:

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a styles CSV (name,prompt,negative_prompt) or a wildcard; repeat for several "
                         "(default: styles.csv); new styles are saved to the first")
     p.add_argument("--lora-dir", type=Path, default=REPO / "models" / "Lora", help="LoRA folder (default: models/Lora)")
+    # -- Ray Serve workers (webui/queue_ray.py); without these flags Ray is never imported
+    p.add_argument("--workers", type=int, default=None, help="run jobs on N Ray Serve replicas (a local Ray instance)")
+    p.add_argument("--ray-address", default=None, help="join the Ray cluster at ADDRESS (host:port, ray://host:port)")
+    p.add_argument("--min-workers", type=int, default=None, help="autoscale the replicas from this many (with --max-workers)")
+    p.add_argument("--max-workers", type=int, default=None, help="autoscale the replicas up to this many")
+    p.add_argument("--models-per-worker", type=int, default=2, help="checkpoints a replica keeps loaded (LRU)")
+    p.add_argument("--worker-retries", type=int, default=2, help="how often a job whose replica died runs again")
     return p
 
 
@@ -69,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_job_seconds = SHARED_MAX_JOB_SECONDS
     if not 0 < args.port < 65536:
         raise SystemExit(f"--port must be between 1 and 65535, got {args.port}")
+    for flag in ("workers", "min_workers", "max_workers", "models_per_worker"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     return args
 
 

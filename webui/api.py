@@ -597,7 +597,14 @@ class Api:
         return [{"name": XYZ_PLOT.lower(), "is_alwayson": False, "is_img2img": False, "args": args}]
 
     def get_memory(self) -> dict:
-        """RAM and CUDA figures in AUTOMATIC1111's shape (bytes)."""
+        """RAM and CUDA figures in AUTOMATIC1111's shape (bytes); with Ray workers, also each replica's state."""
+        memory = self._memory()
+        backend = getattr(self.ctx, "backend", None)
+        if backend is not None:
+            memory["workers"] = backend.workers()
+        return memory
+
+    def _memory(self) -> dict:
         import psutil
         import torch
 

@@ -36,6 +36,7 @@ class WebUIContext:
         self.queue_lock = threading.Lock()  # one generation at a time on the model
         self.current_state: JobState | None = None  # the running job, for the progress and interrupt APIs
         self.current_model: sd_models.SDModel | None = None  # the model it runs on (for its previews)
+        self.backend = None  # a queue back-end that replaces the in-process one (webui/queue_ray.py's RayBackend)
         self.settings_file = getattr(args, "ui_settings_file", None)
         defaults = {"outdir_txt2img_samples": str(getattr(args, "outdir_samples", "") or "")}
         self.options = (options_module.Options.from_file(self.settings_file, defaults) if self.settings_file
@@ -261,6 +262,8 @@ class WebUIContext:
         becomes the current model only with `job.keep_checkpoint`. A script (the X/Y/Z plot)
         holds the queue for all of its runs.
         """
+        if self.backend is not None:  # --workers / --ray-address: the job runs on a Ray Serve replica
+            return self.backend.run(job, state, hooks)
         with self.queue_lock:
             model = self.model
             if job.checkpoint is not None and not self.is_current(job.checkpoint):

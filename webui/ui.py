@@ -46,6 +46,11 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                     job_tabs[kind] = build_job_tab(ctx, kind)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 build_pnginfo_tab(tabs, job_tabs)
+            if getattr(ctx, "backend", None) is not None:  # --workers / --ray-address
+                from webui.ui_workers import build_workers_tab
+
+                with gr.Tab("Workers", id="workers", elem_id="tab_workers"):
+                    build_workers_tab(ctx)
         for tab in job_tabs.values():
             wire_job_tab(ctx, tab, sessions, inspections, work_root)
 
