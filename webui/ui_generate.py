@@ -175,7 +175,8 @@ class GenerateHandler:
             t.info: infotext_html(processed.info) + verdict_html(processed),
             t.trajectory: gr.update(value=str(animation), visible=True) if animation else gr.update(visible=False),
             t.progress: progress_html(status, 0.0 if processed.interrupted else 1.0),
-            t.last_job: {"seeds": processed.all_seeds[:len(outputs)], "infotexts": processed.infotexts},
+            t.last_job: {"seeds": processed.all_seeds[:len(outputs)], "infotexts": processed.infotexts,
+                         "images": outputs},
             t.selected: 0,
             t.generate: gr.update(interactive=True),
         }
