@@ -151,7 +151,8 @@ class GenerateHandler:
                 items.append((str(path), frames[i].caption))
             if not worker.is_alive():
                 return
-            text, fraction = job_progress_text(state, started)
+            text, fraction = job_progress_text(state, started, passes=2 if getattr(inspected.p, "enable_hr", False)
+                                               else 1)
             update = {t.progress: progress_html(text, fraction)}
             if new and time.time() - last_gallery >= gallery_interval(len(items)):
                 update[t.preview_gallery], last_gallery = list(items), time.time()
