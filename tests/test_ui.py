@@ -226,3 +226,126 @@ def test_png_info_round_trip_fills_txt2img(browser, server, tmp_path):
     assert page.input_value("#txt2img_seed input") == expected["Seed"]
     assert page.input_value("#txt2img_width input[type=number]") == expected["Size-1"]
     page.context.close()
+
+
+# ---- img2img, inpainting, the hires fix, send to img2img (the same server) ---------------------------
+
+def open_img2img(page, sub_tab: str | None = None) -> None:
+    page.get_by_role("tab", name="img2img").first.click()  # the page's tab (the sub-tab of that name comes later)
+    page.wait_for_selector("#img2img_prompt textarea", state="visible")
+    if sub_tab:
+        page.get_by_role("tab", name=sub_tab, exact=True).click()
+
+
+def img2img_progress(page, pattern: str, timeout: float = 90_000) -> str:
+    page.wait_for_function(
+        "p => new RegExp(p).test(document.querySelector('#img2img_progress .sdneg-progress-text')?.innerText || '')",
+        arg=pattern, timeout=timeout)
+    return page.inner_text("#img2img_progress .sdneg-progress-text")
+
+
+def result_pixels(page, kind: str):
+    from tests.browser import image_pixels
+
+    page.locator(f"#{kind}_gallery").scroll_into_view_if_needed()
+    return image_pixels(page, f"#{kind}_gallery .thumbnail-item img")
+
+
+def saved_pngs(server) -> set:
+    """Every saved picture: outputs/ (txt2img) and its sibling img2img-images/."""
+    return set(server.outdir.parent.rglob("*.png"))
+
+
+def test_img2img_upload_generate_and_a_bad_image_is_refused(browser, server, tmp_path):
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a picture" * 10)
+    page = open_page(browser, server)
+    open_img2img(page)
+    page.fill("#img2img_prompt textarea", "a blue circle")
+    set_number(page, "img2img_steps", 4)
+    page.fill("#img2img_seed input", "77")
+    page.locator("#img2img_image input[type=file]").set_input_files(str(bad))
+    before = saved_pngs(server)
+    page.click("#img2img_generate")
+    text = img2img_progress(page, "init_images")
+    assert "init_images: not a valid PNG image" in text
+    page.wait_for_selector(".toast-body:has-text('not a valid PNG image')")  # gr.Warning, readable
+    assert saved_pngs(server) == before  # nothing written
+    page.context.close()
+    page = open_page(browser, server)
+    open_img2img(page)
+    page.fill("#img2img_prompt textarea", "a blue circle")
+    set_number(page, "img2img_steps", 4)
+    page.fill("#img2img_seed input", "77")
+    page.locator("#img2img_image input[type=file]").set_input_files(str(init))
+    page.wait_for_selector("#img2img_image img")
+    page.click("#img2img_generate")
+    done = img2img_progress(page, "^Done")
+    assert "1 image(s)" in done
+    info = page.inner_text("#html_info_img2img")
+    assert "a blue circle" in info and "Denoising strength: 0.75" in info and "Seed: 77" in info
+    # strength 0.75 of 4 steps: AUTOMATIC1111 runs int(0.75 * 4) + 1 = 4 of them
+    assert captions(page, "img2img_preview_gallery") == [f"Step {i}/4" for i in range(1, 5)]
+    assert result_pixels(page, "img2img").shape == (64, 64, 3)
+    assert len(saved_pngs(server) - before) == 1
+    page.context.close()
+
+
+def test_inpaint_upload_keeps_the_pixels_outside_the_mask(browser, server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "init.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    page = open_page(browser, server)
+    open_img2img(page, "Inpaint upload")
+    page.wait_for_selector("#img2img_mask_blur", state="visible")  # the inpainting controls show on this tab
+    page.fill("#img2img_prompt textarea", "a green triangle")
+    set_number(page, "img2img_steps", 4)
+    set_number(page, "img2img_mask_blur", 0)
+    page.locator("#img_inpaint_base input[type=file]").set_input_files(str(tmp_path / "init.png"))
+    page.locator("#img_inpaint_mask input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+    page.wait_for_selector("#img_inpaint_mask img")
+    page.click("#img2img_generate")
+    img2img_progress(page, "^Done")
+    assert "Mask blur" not in page.inner_text("#html_info_img2img")  # blur 0 reached the job
+    out = result_pixels(page, "img2img")
+    outside = mask == 0
+    assert np.abs(out[outside] - picture[outside]).max() <= 1  # the init image's, exactly (8-bit rounding)
+    assert np.abs(out[~outside] - picture[~outside]).mean() > 10  # and the masked square repainted
+    page.context.close()
+
+
+def test_hires_fix_then_send_to_img2img(browser, server):
+    page = open_page(browser, server)
+    fill_job(page, "a hires circle", "blue", steps=3, seed=4242)
+    page.click("#txt2img_hr")  # opening the accordion turns the hires fix on, as AUTOMATIC1111's
+    page.wait_for_function("document.querySelector('#txt2img_hr-checkbox input').checked")
+    set_number(page, "txt2img_hires_steps", 2)
+    page.click("#txt2img_generate")
+    done = wait_progress(page, "^Done")
+    assert "1 image(s)" in done
+    assert captions(page) == ["Step 1/3", "Step 2/3", "Step 3/3", "Hires fix · Step 1/2", "Hires fix · Step 2/2"]
+    assert result_pixels(page, "txt2img").shape == (128, 128, 3)  # 64 x 2
+    info = page.inner_text("#html_info_txt2img")
+    assert "Hires upscale: 2" in info and "Hires steps: 2" in info and "Denoising strength: 0.7" in info
+    page.click("#txt2img_send_to_img2img")
+    page.wait_for_function("document.querySelector('#img2img_prompt textarea')?.value === 'a hires circle'")
+    assert page.input_value("#img2img_neg_prompt textarea") == "blue"
+    assert page.input_value("#img2img_seed input") == "4242"
+    assert page.input_value("#img2img_width input[type=number]") == "128"  # the picture's size
+    page.wait_for_selector("#img2img_image img")
+    set_number(page, "img2img_steps", 2)
+    page.click("#img2img_generate")
+    img2img_progress(page, "^Done")
+    assert result_pixels(page, "img2img").shape == (128, 128, 3)
+    assert "Seed: 4242" in page.inner_text("#html_info_img2img")
+    page.context.close()
