@@ -56,6 +56,35 @@ def test_progress_text_has_step_count_and_time_left():
     assert re.fullmatch(r"Step 5/10 · batch 1/2 · 25% · \d+\.\d s left", text), text
 
 
+def test_send_to_inpaint_fills_the_editor_and_the_controls(tiny_model, tmp_path):
+    """What "Send to inpaint" changes (PNG Info's and the result's): tab, sub-tab, editor, controls, size."""
+    from PIL import Image
+
+    from modules import cmd_args, images
+    from webui.context import WebUIContext
+    from webui.ui import create_ui
+    from webui.ui_img2img import send_updates
+
+    ctx = WebUIContext(cmd_args.parse_args(["--ckpt", str(tiny_model.path), "--outdir-samples", str(tmp_path / "o"),
+                                            "--ui-settings-file", str(tmp_path / "config.json")]), tiny_model)
+    demo = create_ui(ctx)
+    tabs, img2img = demo.sdneg_tabs["txt2img"], demo.sdneg_tabs["img2img"]
+    picture = tmp_path / "p.png"
+    text = ("a red square\nNegative prompt: blue\nSteps: 9, Sampler: Euler a, CFG scale: 6, Seed: 5, Size: 64x64, "
+            "Denoising strength: 0.4, Masked content: latent noise, Inpaint area: Only masked")
+    images.write_png(picture, Image.new("RGB", (96, 64), "white"), text)
+    root_tabs = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "tabs")
+    updates = send_updates(str(picture), text, "inpaint", root_tabs, demo.sdneg_tabs)
+    f = img2img.fields
+    assert updates[f["init_img_with_mask"]]["background"] == str(picture)
+    assert updates[f["img2img_mode"]] == "inpaint" and updates[f["seed"]] == 5 and updates[f["steps"]] == 9
+    assert updates[f["prompt"]] == "a red square" and updates[f["negative_prompt"]] == "blue"
+    assert updates[f["sampler_name"]] == "Euler a" and updates[f["denoising_strength"]] == 0.4
+    assert updates[f["inpainting_fill"]] == "latent noise" and updates[f["inpaint_full_res"]] == "Only masked"
+    assert (updates[f["width"]], updates[f["height"]]) == (96, 64)  # the picture's own size
+    assert tabs.fields["prompt"] not in updates
+
+
 # ---- in a browser ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
