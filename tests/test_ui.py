@@ -55,6 +55,14 @@ def test_progress_text_has_step_count_and_time_left():
     assert fraction == pytest.approx(0.25)
     assert re.fullmatch(r"Step 5/10 · batch 1/2 · 25% · \d+\.\d s left", text), text
 
+    hires = JobState()  # the hires fix: each pass counts in the job state, the line names the pass and counts batches
+    hires.begin("txt2img", 2)
+    hires.sampling_step, hires.sampling_steps = 3, 10
+    assert job_progress_text(hires, time.time(), passes=2)[0].startswith("First pass · Step 3/10 · 15%")
+    hires.next_batch()
+    hires.textinfo = "Hires fix"
+    assert job_progress_text(hires, time.time(), passes=2)[0].startswith("Hires fix · Step 0/10 · 50%")
+
 
 def test_send_to_inpaint_fills_the_editor_and_the_controls(tiny_model, tmp_path):
     """What "Send to inpaint" changes (PNG Info's and the result's): tab, sub-tab, editor, controls, size."""
@@ -364,6 +372,7 @@ def test_hires_fix_then_send_to_img2img(browser, server):
     assert "1 image(s)" in done
     assert captions(page) == ["Step 1/3", "Step 2/3", "Step 3/3", "Hires fix · Step 1/2", "Hires fix · Step 2/2"]
     assert result_pixels(page, "txt2img").shape == (128, 128, 3)  # 64 x 2
+    page.wait_for_function("document.querySelector('#txt2img_inspector_info').innerText.startsWith('Hires fix · Step 2/2')")
     info = page.inner_text("#html_info_txt2img")
     assert "Hires upscale: 2" in info and "Hires steps: 2" in info and "Denoising strength: 0.7" in info
     page.click("#txt2img_send_to_img2img")
