@@ -372,7 +372,8 @@ def test_hires_fix_then_send_to_img2img(browser, server):
     assert "1 image(s)" in done
     assert captions(page) == ["Step 1/3", "Step 2/3", "Step 3/3", "Hires fix · Step 1/2", "Hires fix · Step 2/2"]
     assert result_pixels(page, "txt2img").shape == (128, 128, 3)  # 64 x 2
-    page.wait_for_function("document.querySelector('#txt2img_inspector_info').innerText.startsWith('Hires fix · Step 2/2')")
+    page.wait_for_function("document.querySelector('#txt2img_inspector_info').innerText"
+                           ".startsWith('Hires fix · Step 2/2')")
     info = page.inner_text("#html_info_txt2img")
     assert "Hires upscale: 2" in info and "Hires steps: 2" in info and "Denoising strength: 0.7" in info
     page.click("#txt2img_send_to_img2img")

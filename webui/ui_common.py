@@ -143,7 +143,8 @@ def job_progress_text(state: JobState, started: float, passes: int = 1) -> tuple
         info = f"{info} · {FIRST_PASS}" if info else FIRST_PASS
     if info:  # a script's own progress, e.g. `X/Y/Z plot: cell 2 of 6`, and the pass
         text = f"{info} · {text}"
-    count, number = max(state.job_count // passes, 1), min(state.job_no // passes + 1, max(state.job_count // passes, 1))
+    count = max(state.job_count // passes, 1)
+    number = min(state.job_no // passes + 1, count)
     if count > 1:
         text += f" · batch {number}/{count}"
     text += f" · {100 * fraction:.0f}%"

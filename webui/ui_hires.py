@@ -41,8 +41,8 @@ def build_hires_accordion(ctx, kind: str, fields: dict) -> None:
             fields["hr_upscaler"] = gr.Dropdown(upscaler.upscaler_names(getattr(ctx, "models_dir", None)),
                                                 value=upscaler.LATENT_UPSCALE_DEFAULT, label="Upscaler",
                                                 elem_id=f"{kind}_hr_upscaler")
-            fields["hr_second_pass_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: the steps)",
-                                                       elem_id=f"{kind}_hires_steps")
+            fields["hr_second_pass_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps",
+                                                       info="0: the sampling steps", elem_id=f"{kind}_hires_steps")
             fields["denoising_strength"] = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
                                                      elem_id=f"{kind}_denoising_strength")
         with gr.Row():
@@ -58,7 +58,8 @@ def build_hires_accordion(ctx, kind: str, fields: dict) -> None:
             fields["hr_scheduler"] = gr.Dropdown([PAGE_SAME["hr_scheduler"], *scheduler_labels()],
                                                  value=PAGE_SAME["hr_scheduler"], label="Hires schedule type",
                                                  elem_id="hr_scheduler")
-            fields["hr_cfg"] = gr.Slider(0, 30, value=0, step=0.5, label="Hires CFG Scale (0: the CFG scale)",
+            fields["hr_cfg"] = gr.Slider(0, 30, value=0, step=0.5, label="Hires CFG Scale",
+                                         info="0: the CFG scale",
                                          elem_id=f"{kind}_hr_cfg")
         with gr.Row():
             fields["hr_prompt"] = gr.Textbox(label="Hires prompt", elem_id="hires_prompt", lines=2,

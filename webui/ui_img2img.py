@@ -67,8 +67,9 @@ def build_image_inputs(ctx, kind: str, fields: dict, c: dict) -> None:
         with gr.Row():
             fields["inpaint_full_res"] = gr.Radio(list(jobs.PAGE_CHOICES["inpaint_full_res"]), value="Whole picture",
                                                   label="Inpaint area", elem_id=f"{kind}_inpaint_full_res", scale=1)
-            fields["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
-                                                           elem_id=f"{kind}_inpaint_full_res_padding", scale=2)
+            fields["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4,
+                                                           label="Only masked padding, pixels", scale=2,
+                                                           elem_id=f"{kind}_inpaint_full_res_padding")
     fields["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
                                              elem_id=f"{kind}_denoising_strength")
     for tab, mode in ((tab_img2img, "img2img"), (tab_inpaint, "inpaint"), (tab_upload, "inpaint_upload")):
