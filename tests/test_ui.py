@@ -361,6 +361,35 @@ def test_inpaint_upload_keeps_the_pixels_outside_the_mask(browser, server, tmp_p
     page.context.close()
 
 
+def test_inpaint_with_a_mask_drawn_in_the_browser(browser, server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (40, 160, 220)).save(tmp_path / "init.png")
+    page = open_page(browser, server)
+    open_img2img(page, "Inpaint")
+    page.fill("#img2img_prompt textarea", "a red square")
+    set_number(page, "img2img_steps", 3)
+    set_number(page, "img2img_mask_blur", 0)
+    page.locator("#img2maskimg input[type=file]").set_input_files(str(tmp_path / "init.png"))
+    page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
+    time.sleep(1.0)  # the editor lays out its canvas
+    box = page.locator("#img2maskimg canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 10, cy)
+    page.mouse.down()
+    for dx in range(-10, 11, 2):  # a short white stroke through the middle of the picture
+        page.mouse.move(cx + dx, cy, steps=2)
+    page.mouse.up()
+    page.click("#img2img_generate")
+    img2img_progress(page, "^Done")
+    out = result_pixels(page, "img2img")
+    corners = np.concatenate([out[:8, :8], out[:8, -8:], out[-8:, :8], out[-8:, -8:]]).reshape(-1, 3)
+    assert np.abs(corners - np.array([40, 160, 220])).max() <= 1  # far from the stroke: the init image
+    assert np.abs(out - np.array([40, 160, 220])).max() > 10  # under it: repainted
+    page.context.close()
+
+
 def test_hires_fix_then_send_to_img2img(browser, server):
     page = open_page(browser, server)
     fill_job(page, "a hires circle", "blue", steps=3, seed=4242)
