@@ -25,17 +25,16 @@ SEND_TARGETS = {"img2img": ("img2img", "img2img"), "inpaint": ("img2img", "inpai
 INPUT_FOR_MODE = {"img2img": "init_img", "inpaint": "init_img_with_mask", "inpaint_upload": "init_img_inpaint"}
 
 
-class ImageUpload(gr.Image):
-    """gr.Image that hands the handler the uploaded file's path without opening it: the job layer
+def ImageUpload(**kwargs) -> gr.Image:  # noqa: N802  (used as a component class)
+    """A gr.Image that hands the handler the uploaded file's path without opening it: the job layer
     decodes it with the API's checks (size, format, decompression bombs), so a file that is no
-    image is a readable message on the page rather than an error inside Gradio."""
+    image is a readable message on the page rather than an error inside Gradio.
 
-    is_template = True  # the browser shows it as a plain gr.Image
-
-    def preprocess(self, payload):  # noqa: D102
-        if payload is None:
-            return None
-        return payload.path
+    The instance's own `preprocess` replaces gr.Image's (a subclass would make Gradio write a
+    .pyi stub beside this module at import time)."""
+    image = gr.Image(**kwargs)
+    image.preprocess = lambda payload: None if payload is None else payload.path
+    return image
 
 
 def build_image_inputs(ctx, kind: str, fields: dict, c: dict) -> None:
