@@ -416,3 +416,25 @@ def test_webuiapi_client(api, auth_api):
     authed = webuiapi.WebUIApi(host="127.0.0.1", port=auth_api.port, sampler=sampler, steps=3,
                                username="alice", password="s3cret")
     assert authed.txt2img(prompt="a circle", seed=9, width=64, height=64).info["seed"] == 9
+
+
+def test_webuiapi_img2img_inpainting_and_extras(api):
+    """webuiapi's img2img (with and without a mask) and extra_single_image, unchanged."""
+    webuiapi = pytest.importorskip("webuiapi")
+    client = webuiapi.WebUIApi(host="127.0.0.1", port=api.port, sampler="DDIM", steps=4)
+    rng = np.random.default_rng(3)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    plain = client.img2img(images=[init], prompt="a blue circle", seed=31, width=64, height=64,
+                           denoising_strength=0.5, cfg_scale=7)
+    assert plain.image.size == (64, 64) and plain.info["seed"] == 31
+    assert "Denoising strength: 0.5" in plain.image.info["parameters"]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inpainted = client.img2img(images=[init], mask_image=mask, mask_blur=0, inpaint_full_res=False,
+                               prompt="a green triangle", seed=31, width=64, height=64, denoising_strength=0.9)
+    out, src, keep = (np.asarray(inpainted.image.convert("RGB"), dtype=np.int16), np.asarray(init, dtype=np.int16),
+                      np.asarray(mask) == 0)
+    assert np.abs(out[keep] - src[keep]).max() <= 1  # outside the mask: the init image
+    assert np.abs(out[~keep] - src[~keep]).mean() > 10
+    upscaled = client.extra_single_image(image=init, upscaler_1="Lanczos", upscaling_resize=2)
+    assert upscaled.image.size == (128, 128)

@@ -39,13 +39,58 @@ CHANGES = {
     "nag_start": (0.1, 0.1),
     "nag_end": (0.9, 0.9),
     "negative_report": (True, True),
+    # the hires fix accordion (each tested with the hires fix on)
+    "enable_hr": (True, True),
+    "hr_upscaler": ("Latent (nearest)", "Latent (nearest)"),
+    "hr_second_pass_steps": (3.0, 3),
+    "denoising_strength": (0.4, 0.4),
+    "hr_scale": (1.5, 1.5),
+    "hr_resize_x": (96.0, 96),
+    "hr_resize_y": (128.0, 128),
+    "hr_sampler_name": ("Euler", "Euler"),
+    "hr_scheduler": ("Karras", "Karras"),
+    "hr_cfg": (5.0, 5.0),
+    "hr_prompt": ("a blue circle", "a blue circle"),
+    "hr_negative_prompt": ("green", "green"),
 }
+HIRES = {"hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_scale", "hr_resize_x", "hr_resize_y",
+         "hr_sampler_name", "hr_scheduler", "hr_cfg", "hr_prompt", "hr_negative_prompt"}
+# The img2img tab: the same controls (but the hires fix's) and its own, radios by label (the API: their index).
+IMG2IMG_CHANGES = {
+    **{k: v for k, v in CHANGES.items() if k not in HIRES | {"enable_hr"}},
+    "resize_mode": ("Crop and resize", 1),
+    "denoising_strength": (0.4, 0.4),
+    "mask_blur": (8.0, 8),
+    "inpainting_mask_invert": ("Inpaint not masked", 1),
+    "inpainting_fill": ("latent noise", 2),
+    "inpaint_full_res": ("Only masked", True),
+    "inpaint_full_res_padding": (16.0, 16),
+}
+IMAGE_INPUTS = {"img2img_mode", "init_img", "init_img_with_mask", "init_img_inpaint", "init_mask_inpaint"}
 JSON_NAMES = {"guidance_interval[0]": ("guidance_interval", 0), "guidance_interval[1]": ("guidance_interval", 1)}
 
 
 @pytest.fixture()
-def doors(tiny_model, tmp_path):
-    """The context, the page's controls (the real page, built), and the API, on one tiny model."""
+def doors(page_and_api):
+    """The context, the txt2img page's controls (the real page, built), and the API, on one tiny model."""
+    ctx, demo, api = page_and_api
+    return ctx, demo.sdneg_fields, api
+
+
+@pytest.fixture(scope="module")
+def page_and_api(tiny_model, tmp_path_factory):
+    """Built once for the module (building the page takes a second or two); tests leave its options alone."""
+    return build_page_and_api(tiny_model, tmp_path_factory.mktemp("jobs"))
+
+
+@pytest.fixture()
+def fresh_doors(tiny_model, tmp_path):
+    """As `doors`, with a context of its own (for tests that change the options)."""
+    ctx, demo, api = build_page_and_api(tiny_model, tmp_path)
+    return ctx, demo.sdneg_fields, api
+
+
+def build_page_and_api(tiny_model, tmp_path):
     from fastapi import FastAPI
 
     from webui.api import Api
@@ -56,7 +101,7 @@ def doors(tiny_model, tmp_path):
                                             "--ui-settings-file", str(tmp_path / "config.json")]), tiny_model)
     demo = create_ui(ctx)
     api = Api(FastAPI(), ctx)
-    return ctx, demo.sdneg_fields, api
+    return ctx, demo, api
 
 
 def page_values(controls: dict) -> dict:
@@ -105,6 +150,12 @@ def test_every_page_control_has_a_change_here(doors):
     assert job_controls == set(CHANGES), "a control was added or removed: give it a value in CHANGES"
 
 
+def test_every_img2img_control_has_a_change_here(img2img_doors):
+    _, controls, _, _ = img2img_doors
+    job_controls = {n for n in controls if not n.startswith("xyz_") and n != "script_name"}
+    assert job_controls == set(IMG2IMG_CHANGES) | IMAGE_INPUTS, "give the new img2img control a value here"
+
+
 @pytest.mark.parametrize("name", sorted(CHANGES))
 def test_page_and_api_make_the_same_job_for_each_field(doors, name):
     ctx, controls, api = doors
@@ -113,6 +164,10 @@ def test_page_and_api_make_the_same_job_for_each_field(doors, name):
         changes = {k: CHANGES[k] for k in ("guidance_interval[0]", "guidance_interval[1]")}
     if name == "scheduler":  # the page's default sampler (DDIM) takes only Automatic
         changes["sampler_name"] = CHANGES["sampler_name"]
+    if name in HIRES:  # with the hires fix on, so its fields are checked and used
+        changes["enable_hr"] = CHANGES["enable_hr"]
+    if name == "hr_scheduler":
+        changes["hr_sampler_name"] = CHANGES["hr_sampler_name"]
     defaults = {k: v for k, v in page_defaults_as_json(controls).items() if k not in ("save_images",)}
     page, api_ = page_job(ctx, controls, changes), api_job(ctx, api, changes, defaults)
     assert page.p == api_.p
@@ -125,6 +180,132 @@ def test_page_and_api_make_the_same_job_with_everything_changed(doors):
     page, api_ = page_job(ctx, controls, CHANGES), api_job(ctx, api, CHANGES, defaults)
     assert page.p == api_.p
     assert page.p.guidance_interval == (0.1, 0.8) and page.p.steps == 7 and isinstance(page.p.steps, int)
+    assert page.p.enable_hr and page.p.hr_cfg == 5.0 and page.p.hr_second_pass_steps == 3
+
+
+def test_page_hires_defaults_mean_the_first_pass(doors):
+    ctx, controls, _ = doors
+    from webui.ui import page_job as make
+
+    p = make(ctx, {**page_values(controls), "enable_hr": True}).p
+    assert p.enable_hr and (p.hr_sampler_name, p.hr_scheduler, p.hr_cfg) == (None, None, None)
+    assert (p.hr_upscaler, p.hr_scale, p.denoising_strength) == ("Latent", 2.0, 0.7)  # AUTOMATIC1111's page defaults
+
+
+# ---- img2img: the same check, with an init image (and masks) as the page and the API give them --------------
+
+def png_file(path, size=(64, 64), color=(200, 30, 30), mode="RGB"):
+    from PIL import Image
+
+    im = Image.new(mode, size, color)
+    im.save(path)
+    return path
+
+
+def b64(path) -> str:
+    import base64
+
+    return base64.b64encode(open(path, "rb").read()).decode()
+
+
+@pytest.fixture()
+def img2img_doors(page_and_api, tmp_path):
+    ctx, demo, api = page_and_api
+    return ctx, demo.sdneg_tabs["img2img"].fields, api, png_file(tmp_path / "init.png")
+
+
+def img2img_jobs(ctx, controls, api, changes, page_images: dict, json_images: dict):
+    from webui.ui import page_job as make
+
+    values = page_values(controls)
+    page_defaults = jobs.page_request({k: v for k, v in {**values, **page_images}.items()
+                                       if not k.startswith("xyz_")}, {})
+    values.update({name: page_value for name, (page_value, _) in changes.items()})
+    values.update(page_images)
+    page = make(ctx, values, "img2img")
+    defaults = {k: v for k, v in page_defaults.items() if k not in ("init_images", "mask", "save_images")}
+    body = {**defaults, **json_for(changes), **json_images, "save_images": bool(ctx.options.get("samples_save", True))}
+    return page, api.job("img2img", api.Img2ImgRequest.model_validate(body))
+
+
+@pytest.mark.parametrize("name", sorted(set(IMG2IMG_CHANGES) - set(CHANGES)) + ["prompt", "guidance", "seed"])
+def test_img2img_page_and_api_make_the_same_job_for_each_field(img2img_doors, name):
+    ctx, controls, api, init = img2img_doors
+    page, api_ = img2img_jobs(ctx, controls, api, {name: IMG2IMG_CHANGES[name]}, {"init_img": str(init)},
+                              {"init_images": [b64(init)]})
+    assert page.p == api_.p and page.kind == api_.kind == "img2img"
+    assert page.p.init_images[0].size == (64, 64) and page.p.mask is None
+
+
+def test_img2img_page_and_api_make_the_same_job_with_everything_changed(img2img_doors):
+    ctx, controls, api, init = img2img_doors
+    page, api_ = img2img_jobs(ctx, controls, api, IMG2IMG_CHANGES, {"init_img": str(init)},
+                              {"init_images": [b64(init)]})
+    assert page.p == api_.p
+    p = page.p
+    assert (p.resize_mode, p.inpainting_fill, p.inpaint_full_res, p.inpainting_mask_invert) == (1, 2, True, 1)
+    assert p.denoising_strength == 0.4 and p.mask_blur == 8 and p.inpaint_full_res_padding == 16
+
+
+def test_img2img_inpaint_upload_and_drawn_mask_equal_the_apis_mask(img2img_doors, tmp_path):
+    from PIL import Image
+
+    from modules import images
+
+    ctx, controls, api, init = img2img_doors
+    mask = png_file(tmp_path / "mask.png", color=0, mode="L")
+    Image.new("L", (20, 20), 255).save(tmp_path / "box.png")
+    with Image.open(mask) as m, Image.open(tmp_path / "box.png") as box:
+        m = m.copy()
+        m.paste(box, (10, 10))
+        m.save(mask)
+    page, api_ = img2img_jobs(ctx, controls, api, {}, {"img2img_mode": "inpaint_upload", "init_img_inpaint": str(init),
+                                                       "init_mask_inpaint": str(mask)},
+                              {"init_images": [b64(init)], "mask": b64(mask)})
+    assert page.p == api_.p and page.p.mask is not None
+
+    # drawn in the browser: the editor's background and a layer, transparent but for the strokes
+    background = Image.open(init).convert("RGBA")
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (10, 10, 30, 30))
+    drawn = {"img2img_mode": "inpaint", "init_img_with_mask": {"background": background, "layers": [layer],
+                                                               "composite": background}}
+    expected_mask = Image.new("L", (64, 64), 0)
+    expected_mask.paste(255, (10, 10, 30, 30))
+    import base64
+
+    page, api_ = img2img_jobs(ctx, controls, api, {}, drawn,
+                              {"init_images": [base64.b64encode(images.png_bytes(background)).decode()],
+                               "mask": base64.b64encode(images.png_bytes(expected_mask)).decode()})
+    assert page.p == api_.p
+    import numpy as np
+
+    assert (np.asarray(page.p.mask.convert("L")) == np.asarray(expected_mask)).all()
+
+
+@pytest.mark.parametrize("inputs, field, message", [
+    ({}, "init_images", "needs an init image"),
+    ({"init_img": "BAD"}, "init_images", "not a valid PNG image"),
+    ({"img2img_mode": "inpaint_upload", "init_img_inpaint": "INIT"}, "mask", "upload a mask"),
+    ({"img2img_mode": "inpaint", "init_img_with_mask": {"background": "PIL", "layers": []}}, "mask", "draw over"),
+    ({"init_img": "BIG"}, "init_images", "at most 2048"),
+])
+def test_img2img_page_refuses_bad_images_naming_the_field(img2img_doors, tmp_path, inputs, field, message):
+    from PIL import Image
+
+    from webui.ui import page_job as make
+
+    ctx, controls, _, init = img2img_doors
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image at all")
+    big = tmp_path / "big.png"
+    Image.new("L", (2100, 8)).save(big)
+    stand_in = {"BAD": str(bad), "BIG": str(big), "INIT": str(init), "PIL": Image.open(init)}
+    inputs = {k: ({**v, "background": stand_in[v["background"]]} if isinstance(v, dict) else stand_in.get(v, v))
+              for k, v in inputs.items()}
+    with pytest.raises(InvalidParameter, match=message) as e:
+        make(ctx, {**page_values(controls), **inputs}, "img2img")
+    assert e.value.field == field
 
 
 @pytest.mark.parametrize("option, value, field", [
@@ -132,10 +313,10 @@ def test_page_and_api_make_the_same_job_with_everything_changed(doors):
     ("eta_ddim", 0.5, "eta"),
     ("s_min_uncond", 2.0, "s_min_uncond"),
 ])
-def test_options_reach_page_and_api_jobs_alike(doors, option, value, field):
+def test_options_reach_page_and_api_jobs_alike(fresh_doors, option, value, field):
     from webui.ui import create_ui
 
-    ctx, _, api = doors
+    ctx, _, api = fresh_doors
     ctx.options.set({option: value})
     controls = create_ui(ctx).sdneg_fields  # a page loaded after the option was set
     defaults = page_defaults_as_json(controls)

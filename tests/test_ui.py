@@ -55,6 +55,43 @@ def test_progress_text_has_step_count_and_time_left():
     assert fraction == pytest.approx(0.25)
     assert re.fullmatch(r"Step 5/10 · batch 1/2 · 25% · \d+\.\d s left", text), text
 
+    hires = JobState()  # the hires fix: each pass counts in the job state, the line names the pass and counts batches
+    hires.begin("txt2img", 2)
+    hires.sampling_step, hires.sampling_steps = 3, 10
+    assert job_progress_text(hires, time.time(), passes=2)[0].startswith("First pass · Step 3/10 · 15%")
+    hires.next_batch()
+    hires.textinfo = "Hires fix"
+    assert job_progress_text(hires, time.time(), passes=2)[0].startswith("Hires fix · Step 0/10 · 50%")
+
+
+def test_send_to_inpaint_fills_the_editor_and_the_controls(tiny_model, tmp_path):
+    """What "Send to inpaint" changes (PNG Info's and the result's): tab, sub-tab, editor, controls, size."""
+    from PIL import Image
+
+    from modules import cmd_args, images
+    from webui.context import WebUIContext
+    from webui.ui import create_ui
+    from webui.ui_img2img import send_updates
+
+    ctx = WebUIContext(cmd_args.parse_args(["--ckpt", str(tiny_model.path), "--outdir-samples", str(tmp_path / "o"),
+                                            "--ui-settings-file", str(tmp_path / "config.json")]), tiny_model)
+    demo = create_ui(ctx)
+    tabs, img2img = demo.sdneg_tabs["txt2img"], demo.sdneg_tabs["img2img"]
+    picture = tmp_path / "p.png"
+    text = ("a red square\nNegative prompt: blue\nSteps: 9, Sampler: Euler a, CFG scale: 6, Seed: 5, Size: 64x64, "
+            "Denoising strength: 0.4, Masked content: latent noise, Inpaint area: Only masked")
+    images.write_png(picture, Image.new("RGB", (96, 64), "white"), text)
+    root_tabs = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "tabs")
+    updates = send_updates(str(picture), text, "inpaint", root_tabs, demo.sdneg_tabs)
+    f = img2img.fields
+    assert updates[f["init_img_with_mask"]]["background"] == str(picture)
+    assert updates[f["img2img_mode"]] == "inpaint" and updates[f["seed"]] == 5 and updates[f["steps"]] == 9
+    assert updates[f["prompt"]] == "a red square" and updates[f["negative_prompt"]] == "blue"
+    assert updates[f["sampler_name"]] == "Euler a" and updates[f["denoising_strength"]] == 0.4
+    assert updates[f["inpainting_fill"]] == "latent noise" and updates[f["inpaint_full_res"]] == "Only masked"
+    assert (updates[f["width"]], updates[f["height"]]) == (96, 64)  # the picture's own size
+    assert tabs.fields["prompt"] not in updates
+
 
 # ---- in a browser ------------------------------------------------------------------------------
 
@@ -225,4 +262,158 @@ def test_png_info_round_trip_fills_txt2img(browser, server, tmp_path):
     assert page.input_value("#txt2img_steps input[type=number]") == expected["Steps"]
     assert page.input_value("#txt2img_seed input") == expected["Seed"]
     assert page.input_value("#txt2img_width input[type=number]") == expected["Size-1"]
+    page.context.close()
+
+
+# ---- img2img, inpainting, the hires fix, send to img2img (the same server) ---------------------------
+
+def open_img2img(page, sub_tab: str | None = None) -> None:
+    page.get_by_role("tab", name="img2img").first.click()  # the page's tab (the sub-tab of that name comes later)
+    page.wait_for_selector("#img2img_prompt textarea", state="visible")
+    if sub_tab:
+        page.get_by_role("tab", name=sub_tab, exact=True).click()
+
+
+def img2img_progress(page, pattern: str, timeout: float = 90_000) -> str:
+    page.wait_for_function(
+        "p => new RegExp(p).test(document.querySelector('#img2img_progress .sdneg-progress-text')?.innerText || '')",
+        arg=pattern, timeout=timeout)
+    return page.inner_text("#img2img_progress .sdneg-progress-text")
+
+
+def result_pixels(page, kind: str):
+    from tests.browser import image_pixels
+
+    page.locator(f"#{kind}_gallery").scroll_into_view_if_needed()
+    return image_pixels(page, f"#{kind}_gallery .thumbnail-item img")
+
+
+def saved_pngs(server) -> set:
+    """Every saved picture: outputs/ (txt2img) and its sibling img2img-images/."""
+    return set(server.outdir.parent.rglob("*.png"))
+
+
+def test_img2img_upload_generate_and_a_bad_image_is_refused(browser, server, tmp_path):
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a picture" * 10)
+    page = open_page(browser, server)
+    open_img2img(page)
+    page.fill("#img2img_prompt textarea", "a blue circle")
+    set_number(page, "img2img_steps", 4)
+    page.fill("#img2img_seed input", "77")
+    page.locator("#img2img_image input[type=file]").set_input_files(str(bad))
+    before = saved_pngs(server)
+    page.click("#img2img_generate")
+    text = img2img_progress(page, "init_images")
+    assert "init_images: not a valid PNG image" in text
+    page.wait_for_selector(".toast-body:has-text('not a valid PNG image')")  # gr.Warning, readable
+    assert saved_pngs(server) == before  # nothing written
+    page.context.close()
+    page = open_page(browser, server)
+    open_img2img(page)
+    page.fill("#img2img_prompt textarea", "a blue circle")
+    set_number(page, "img2img_steps", 4)
+    page.fill("#img2img_seed input", "77")
+    page.locator("#img2img_image input[type=file]").set_input_files(str(init))
+    page.wait_for_selector("#img2img_image img")
+    page.click("#img2img_generate")
+    done = img2img_progress(page, "^Done")
+    assert "1 image(s)" in done
+    info = page.inner_text("#html_info_img2img")
+    assert "a blue circle" in info and "Denoising strength: 0.75" in info and "Seed: 77" in info
+    # strength 0.75 of 4 steps: AUTOMATIC1111 runs int(0.75 * 4) + 1 = 4 of them
+    assert captions(page, "img2img_preview_gallery") == [f"Step {i}/4" for i in range(1, 5)]
+    assert result_pixels(page, "img2img").shape == (64, 64, 3)
+    assert len(saved_pngs(server) - before) == 1
+    page.context.close()
+
+
+def test_inpaint_upload_keeps_the_pixels_outside_the_mask(browser, server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "init.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    page = open_page(browser, server)
+    open_img2img(page, "Inpaint upload")
+    page.wait_for_selector("#img2img_mask_blur", state="visible")  # the inpainting controls show on this tab
+    page.fill("#img2img_prompt textarea", "a green triangle")
+    set_number(page, "img2img_steps", 4)
+    set_number(page, "img2img_mask_blur", 0)
+    page.locator("#img_inpaint_base input[type=file]").set_input_files(str(tmp_path / "init.png"))
+    page.locator("#img_inpaint_mask input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+    page.wait_for_selector("#img_inpaint_mask img")
+    page.click("#img2img_generate")
+    img2img_progress(page, "^Done")
+    assert "Mask blur" not in page.inner_text("#html_info_img2img")  # blur 0 reached the job
+    out = result_pixels(page, "img2img")
+    outside = mask == 0
+    assert np.abs(out[outside] - picture[outside]).max() <= 1  # the init image's, exactly (8-bit rounding)
+    assert np.abs(out[~outside] - picture[~outside]).mean() > 10  # and the masked square repainted
+    page.context.close()
+
+
+def test_inpaint_with_a_mask_drawn_in_the_browser(browser, server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (40, 160, 220)).save(tmp_path / "init.png")
+    page = open_page(browser, server)
+    open_img2img(page, "Inpaint")
+    page.fill("#img2img_prompt textarea", "a red square")
+    set_number(page, "img2img_steps", 3)
+    set_number(page, "img2img_mask_blur", 0)
+    page.locator("#img2maskimg input[type=file]").set_input_files(str(tmp_path / "init.png"))
+    page.wait_for_function("document.querySelectorAll('#img2maskimg canvas').length > 0")
+    time.sleep(1.0)  # the editor lays out its canvas
+    box = page.locator("#img2maskimg canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 10, cy)
+    page.mouse.down()
+    for dx in range(-10, 11, 2):  # a short white stroke through the middle of the picture
+        page.mouse.move(cx + dx, cy, steps=2)
+    page.mouse.up()
+    page.click("#img2img_generate")
+    img2img_progress(page, "^Done")
+    out = result_pixels(page, "img2img")
+    corners = np.concatenate([out[:8, :8], out[:8, -8:], out[-8:, :8], out[-8:, -8:]]).reshape(-1, 3)
+    assert np.abs(corners - np.array([40, 160, 220])).max() <= 1  # far from the stroke: the init image
+    assert np.abs(out - np.array([40, 160, 220])).max() > 10  # under it: repainted
+    page.context.close()
+
+
+def test_hires_fix_then_send_to_img2img(browser, server):
+    page = open_page(browser, server)
+    fill_job(page, "a hires circle", "blue", steps=3, seed=4242)
+    page.click("#txt2img_hr")  # opening the accordion turns the hires fix on, as AUTOMATIC1111's
+    page.wait_for_function("document.querySelector('#txt2img_hr-checkbox input').checked")
+    set_number(page, "txt2img_hires_steps", 2)
+    page.click("#txt2img_generate")
+    done = wait_progress(page, "^Done")
+    assert "1 image(s)" in done
+    assert captions(page) == ["Step 1/3", "Step 2/3", "Step 3/3", "Hires fix · Step 1/2", "Hires fix · Step 2/2"]
+    assert result_pixels(page, "txt2img").shape == (128, 128, 3)  # 64 x 2
+    page.wait_for_function("document.querySelector('#txt2img_inspector_info').innerText"
+                           ".startsWith('Hires fix · Step 2/2')")
+    info = page.inner_text("#html_info_txt2img")
+    assert "Hires upscale: 2" in info and "Hires steps: 2" in info and "Denoising strength: 0.7" in info
+    page.click("#txt2img_send_to_img2img")
+    page.wait_for_function("document.querySelector('#img2img_prompt textarea')?.value === 'a hires circle'")
+    assert page.input_value("#img2img_neg_prompt textarea") == "blue"
+    assert page.input_value("#img2img_seed input") == "4242"
+    assert page.input_value("#img2img_width input[type=number]") == "128"  # the picture's size
+    page.wait_for_selector("#img2img_image img")
+    set_number(page, "img2img_steps", 2)
+    page.click("#img2img_generate")
+    img2img_progress(page, "^Done")
+    assert result_pixels(page, "img2img").shape == (128, 128, 3)
+    assert "Seed: 4242" in page.inner_text("#html_info_img2img")
     page.context.close()

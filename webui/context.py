@@ -38,7 +38,9 @@ class WebUIContext:
         self.current_model: sd_models.SDModel | None = None  # the model it runs on (for its previews)
         self.backend = None  # a queue back-end that replaces the in-process one (webui/queue_ray.py's RayBackend)
         self.settings_file = getattr(args, "ui_settings_file", None)
-        defaults = {"outdir_txt2img_samples": str(getattr(args, "outdir_samples", "") or "")}
+        samples = getattr(args, "outdir_samples", "") or ""
+        defaults = {"outdir_txt2img_samples": str(samples),  # img2img's beside it, as AUTOMATIC1111's outputs/
+                    "outdir_img2img_samples": str(Path(samples).parent / "img2img-images") if samples else ""}
         self.options = (options_module.Options.from_file(self.settings_file, defaults) if self.settings_file
                         else options_module.Options(defaults))
         for problem in filter(None, [self.options.load_error, *self.options.load_warnings]):

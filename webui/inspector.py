@@ -48,6 +48,12 @@ MAX_VIEW = 512  # long side of a whole view (all images of the batch)
 MAX_TRAJECTORY_BYTES = 512 * 2 ** 20  # per job, on the CPU; the oldest batches go first beyond it
 HEAT_FLOOR = 1e-6
 LIVE_INTERVAL = 1.0  # seconds between inspector updates while a job runs
+HIRES = "hires"  # StepInfo.pass_label of the hires fix's second pass
+
+
+def pass_prefix(pass_label: str | None) -> str:
+    """`Hires fix · ` before the captions of the hires fix's steps (the first pass's read as any job's)."""
+    return "Hires fix · " if pass_label == HIRES else ""
 
 
 @dataclass
@@ -63,6 +69,7 @@ class StepRecord:
     stats: dict[str, Any] = field(default_factory=dict)  # name -> (N,) tensor, then list[float] once on the CPU
     on_cpu: bool = False
     seq: int = 0  # 0-based position among all the steps the recorder has seen (kept when older ones are dropped)
+    pass_label: str | None = None  # "txt2img", "img2img", or "hires" (the hires fix's second pass)
 
     def to_cpu(self) -> None:
         if self.on_cpu:
@@ -101,7 +108,7 @@ class TrajectoryRecorder:
         self.dropped = 0  # records let go to keep the trajectory under max_bytes
 
     def __call__(self, info: StepInfo) -> None:
-        if info.step == 0:
+        if info.step == 0 and info.pass_label != HIRES:  # the hires pass continues its batch
             self._batch_no += 1
         if self._model_source is not None:
             model, self._model_source = self._model_source(), None
@@ -114,7 +121,8 @@ class TrajectoryRecorder:
             info.step + 1, info.steps, self._batch_no, info.pred_x0.detach().clone(),
             prompt.detach().clone() if prompt is not None else None,
             negative.detach().clone() if negative is not None else None,
-            {k: v.detach().clone() for k, v in (info.stats or {}).items() if isinstance(v, torch.Tensor)})
+            {k: v.detach().clone() for k, v in (info.stats or {}).items() if isinstance(v, torch.Tensor)},
+            pass_label=info.pass_label)
         with self._lock:
             record.seq = self._seen
             self._seen += 1
@@ -284,11 +292,14 @@ STAT_LABELS = {
 }
 
 
-def stat_series(records: list[StepRecord], batch_no: int) -> dict[str, list[tuple[int, float]]]:
-    """(step, mean over the batch) of each statistic, for one batch of the job."""
+_ANY = object()
+
+
+def stat_series(records: list[StepRecord], batch_no: int, pass_label=_ANY) -> dict[str, list[tuple[int, float]]]:
+    """(step, mean over the batch) of each statistic, for one batch (and one pass) of the job."""
     series: dict[str, list[tuple[int, float]]] = {}
     for r in records:
-        if r.batch_no != batch_no:
+        if r.batch_no != batch_no or (pass_label is not _ANY and r.pass_label != pass_label):
             continue
         for name, values in r.stats.items():
             if values:
@@ -304,7 +315,7 @@ def guidance_plot(records: list[StepRecord], current: StepRecord | None = None,
     from matplotlib.figure import Figure
 
     batch_no = current.batch_no if current is not None else records[-1].batch_no
-    series = stat_series(records, batch_no)
+    series = stat_series(records, batch_no, current.pass_label if current is not None else records[-1].pass_label)
     steps = current.steps if current is not None else records[-1].steps
     fig = Figure(figsize=size, dpi=100)
     ax = fig.add_subplot(1, 1, 1)
@@ -318,7 +329,8 @@ def guidance_plot(records: list[StepRecord], current: StepRecord | None = None,
     ax.set_xlim(0.5, max(steps, 1) + 0.5)
     ax.set_ylim(bottom=0)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title("How strongly guidance acted, per step", fontsize=9)
+    ax.set_title(f"{pass_prefix(current.pass_label if current is not None else None)}"
+                 "How strongly guidance acted, per step", fontsize=9)
     ax.set_xlabel("step", fontsize=8)
     ax.set_ylabel("norm of model output", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -335,7 +347,7 @@ def guidance_plot(records: list[StepRecord], current: StepRecord | None = None,
 
 def step_caption(record: StepRecord, batch_count: int) -> str:
     """`Step 3/20`, with `· batch 2/4` when the job sampled several batches (a script's cells count too)."""
-    text = f"Step {record.step}/{record.steps}"
+    text = f"{pass_prefix(record.pass_label)}Step {record.step}/{record.steps}"
     batches = max(batch_count, record.batch_no)
     return text + (f" · batch {record.batch_no}/{batches}" if batches > 1 else "")
 

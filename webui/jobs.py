@@ -388,12 +388,124 @@ def page_request(values: dict[str, Any], options: dict) -> dict:
     for name in ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "clip_skip"):
         if name in request and request[name] is None:
             raise InvalidParameter(f"{name} is empty", field=name)
+    for name, same in PAGE_SAME.items():  # "Use same sampler", a hires CFG of 0: the first pass's (None)
+        if name in request and request[name] == same:
+            request[name] = None
+    for name, labels in PAGE_CHOICES.items():  # a radio's label -> the field's index (or, for two, its bool)
+        if isinstance(request.get(name), str):
+            if request[name] not in labels:
+                raise InvalidParameter(f"{name} must be one of {', '.join(labels)}, got {request[name]!r}",
+                                       field=name)
+            index = labels.index(request[name])
+            request[name] = index == 1 if name in PAGE_BOOLS else index
+    if IMG2IMG_MODE in request:
+        request.update(page_images(request))
     if is_xyz(request.get("script_name")):
         request["script_args"] = {k: v for k, v in xyz.items() if k in XYZ_ARGUMENTS}
         if request["script_args"].get("margin_size") is not None:
             request["script_args"]["margin_size"] = int(request["script_args"]["margin_size"])
     request["save_images"] = bool(options.get("samples_save", True))
     return request
+
+
+# The page's controls that are not request fields as they stand: the img2img tab's image inputs
+# (which one counts depends on its selected sub-tab) and the hires fix's "same as the first pass".
+IMG2IMG_MODE = "img2img_mode"
+IMG2IMG_MODES = ("img2img", "inpaint", "inpaint_upload")  # AUTOMATIC1111's sub-tab ids
+PAGE_IMAGES = ("init_img", "init_img_with_mask", "init_img_inpaint", "init_mask_inpaint")
+PAGE_SAME = {"hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler", "hr_cfg": 0}
+# The page's radios show labels; the fields hold their index (AUTOMATIC1111's `type="index"` radios).
+PAGE_CHOICES: dict[str, tuple[str, ...]] = {
+    "resize_mode": tuple(processing.RESIZE_MODES),
+    "inpainting_mask_invert": ("Inpaint masked", "Inpaint not masked"),
+    "inpainting_fill": tuple(processing.INPAINTING_FILL),
+    "inpaint_full_res": ("Whole picture", "Only masked"),
+}
+PAGE_BOOLS = ("inpaint_full_res",)
+
+
+def page_value(name: str, value: Any) -> Any:
+    """A field's value as the page's control shows it (the inverse of page_request's mapping), for
+    filling the page from an infotext."""
+    if name in PAGE_CHOICES and isinstance(value, (bool, int)) and 0 <= int(value) < len(PAGE_CHOICES[name]):
+        return PAGE_CHOICES[name][int(value)]
+    if name in PAGE_SAME and value is None:
+        return PAGE_SAME[name]
+    return value
+
+
+def page_images(request: dict) -> dict:
+    """The img2img tab's image inputs (AUTOMATIC1111's `init_img`, `init_img_with_mask`, `init_img_inpaint`,
+    `init_mask_inpaint`, by the selected sub-tab) -> `init_images` and `mask`, decoded as the API's are.
+
+    They are taken out of `request`. Uploads arrive as file paths and are read with the same checks
+    as a base64 image of the API (modules/images.py `decode_image`); a mask drawn in the browser
+    (the layers of the inpaint editor: drawn = alpha above 128, AUTOMATIC1111's create_binary_mask)
+    becomes the PNG a client would send.
+    """
+    mode = request.pop(IMG2IMG_MODE, None) or "img2img"
+    inputs = {name: request.pop(name, None) for name in PAGE_IMAGES}
+    if mode not in IMG2IMG_MODES:
+        raise InvalidParameter(f"unknown img2img mode {mode!r} (one of {', '.join(IMG2IMG_MODES)})",
+                               field=IMG2IMG_MODE)
+    mask = None
+    if mode == "img2img":
+        image = inputs["init_img"]
+    elif mode == "inpaint":
+        editor = inputs["init_img_with_mask"] or {}
+        image = editor.get("background")
+        mask = drawn_mask(editor.get("layers") or [])
+        if image is not None and mask is None:
+            raise InvalidParameter("Inpaint: draw over the part of the image to repaint (no mask is drawn)",
+                                   field="mask")
+    else:
+        image, mask = inputs["init_img_inpaint"], inputs["init_mask_inpaint"]
+        if image is not None and mask is None:
+            raise InvalidParameter("Inpaint upload: upload a mask too (white = repaint)", field="mask")
+    if image is None:
+        raise InvalidParameter("img2img needs an init image: upload one", field="init_images")
+    out = {"init_images": [page_image(image, "init_images")]}
+    if mask is not None:
+        out["mask"] = page_image(mask, "mask")
+    return out
+
+
+def drawn_mask(layers: list):
+    """The editor's layers (RGBA, transparent where nothing is drawn) -> a white-on-black mask, or None if empty."""
+    import numpy as np
+    from PIL import Image
+
+    drawn = None
+    for layer in layers:
+        if layer is None:
+            continue
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 128
+        drawn = alpha if drawn is None or drawn.shape != alpha.shape else drawn | alpha
+    if drawn is None or not drawn.any():
+        return None
+    return Image.fromarray(drawn.astype(np.uint8) * 255, "L")
+
+
+def page_image(value: Any, field: str):
+    """An image of the page (an uploaded file's path, or a picture the browser made) -> the decoded image,
+    through the same decoder and limits as the API's base64 images."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        data = images_module.png_bytes(value)
+    elif isinstance(value, (str, Path)):
+        path = Path(value)
+        try:
+            size = path.stat().st_size
+            if size > images_module.MAX_IMAGE_BYTES:
+                raise InvalidParameter(f"{field}: the image is {size / 2**20:.1f} MB; at most "
+                                       f"{images_module.MAX_IMAGE_BYTES // 2**20} MB are accepted", field=field)
+            data = path.read_bytes()
+        except OSError as e:
+            raise InvalidParameter(f"{field}: cannot read the uploaded file ({e.strerror})", field=field) from e
+    else:
+        raise InvalidParameter(f"{field} must be an image", field=field)
+    return images_module.decode_image(data, field=field, max_side=MAX_IMAGE_SIDE)
 
 
 def outdir(args, options: dict, kind: str) -> Path:

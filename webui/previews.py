@@ -43,10 +43,11 @@ class PreviewFrame:
     image: Image.Image | None  # None once the UI has written it to `path` and let it go
     path: Path | None = None
     seq: int = 0  # the recorder's position of the step
+    pass_label: str | None = None  # "hires" for the hires fix's second pass
 
     @property
     def caption(self) -> str:
-        text = f"Step {self.step}/{self.steps}"
+        text = f"{'Hires fix · ' if self.pass_label == 'hires' else ''}Step {self.step}/{self.steps}"
         return text + (f" · batch {self.batch_no}/{self.batch_count}" if self.batch_count > 1 else "")
 
 
@@ -90,6 +91,8 @@ class PreviewCollector:
         self.subject, self.method, self.batch_count = subject, method, batch_count
         self.image_size = tuple(size)
         self.size: tuple[int, int] | None = None  # tile size, once the batch size is known
+        self._latent: tuple[int, int] | None = None  # the latent size `size` was made for
+        self._first: tuple[int, int] | None = None  # the first pass's latent size (image_size's)
         self.recorder = recorder if recorder is not None else TrajectoryRecorder(batch_count)
         self._frames: list[PreviewFrame] = []
         self._lock = threading.Lock()  # guards _frames
@@ -124,9 +127,16 @@ class PreviewCollector:
 
     def render(self, n: int, columns: list[torch.Tensor | None]) -> Image.Image:
         """One step's picture: the n images of the batch, one column per subject."""
-        if self.size is None:
+        latent = next((tuple(c.shape[-2:]) for c in columns if c is not None), None)
+        if self._first is None:
+            self._first = latent
+        if self.size is None or (latent is not None and latent != self._latent):
+            image = self.image_size
+            if latent is not None and self._first is not None and latent != self._first:  # a larger pass (hires fix)
+                image = (round(image[0] * latent[1] / self._first[1]), round(image[1] * latent[0] / self._first[0]))
+            self._latent = latent
             rows, cols = self.layout(n, len(columns))
-            self.size = tile_size(*self.image_size, max_side=min(MAX_TILE, MAX_PICTURE // max(rows, cols)))
+            self.size = tile_size(*image, max_side=min(MAX_TILE, MAX_PICTURE // max(rows, cols)))
         present = [c for c in columns if c is not None]
         method = "full" if self.method == METHOD_FULL else "cheap"
         rgb = None
@@ -160,7 +170,8 @@ class PreviewCollector:
             for r in self.recorder.records_since(seen):
                 columns = [c.float() if c is not None else None for c in self.latents_for(r)]
                 made.append(PreviewFrame(r.step, r.steps, r.batch_no, self.batch_count,
-                                         self.render(r.combined.shape[0], columns), seq=r.seq))
+                                         self.render(r.combined.shape[0], columns), seq=r.seq,
+                                         pass_label=r.pass_label))
             self.render_seconds += time.perf_counter() - start
             with self._lock:
                 self._frames.extend(made)

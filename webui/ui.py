@@ -18,10 +18,11 @@ from webui import inspector
 from webui.context import WebUIContext
 from webui.ui_common import CSS, SessionJobs, checkpoint_titles, current_title, session_key
 from webui.ui_generate import page_job, wire_job_tab  # noqa: F401  (page_job: the page's door to the job layer)
+from webui.ui_img2img import wire_result_buttons
 from webui.ui_job_tab import build_job_tab
 from webui.ui_pnginfo import build_pnginfo_tab
 
-JOB_TABS = ("txt2img",)
+JOB_TABS = ("txt2img", "img2img")
 
 
 def create_ui(ctx: WebUIContext) -> gr.Blocks:
@@ -53,6 +54,7 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                     build_workers_tab(ctx)
         for tab in job_tabs.values():
             wire_job_tab(ctx, tab, sessions, inspections, work_root)
+        wire_result_buttons(tabs, job_tabs)  # "Send to img2img" / "Send to inpaint" under the results
 
         def session_ended(request: gr.Request):
             sessions.close(session_key(request))

@@ -20,6 +20,7 @@ from webui import previews
 
 log = logging.getLogger("webui")
 
+FIRST_PASS, HIRES_PASS = "First pass", "Hires fix"  # the hires fix's passes, as the progress line names them
 UPDATE_INTERVAL = 0.25  # seconds between streamed updates while a job runs
 CLEANUP_DELAY = 30.0  # seconds between a session's end and the deletion of its files
 
@@ -126,18 +127,26 @@ def user_error(what: str, message: str) -> None:
     gr.Warning(message)
 
 
-def job_progress_text(state: JobState, started: float) -> tuple[str, float]:
-    """`Step 7/20 · 35% · 2.4 s left` for a running job, or what it waits for."""
+def job_progress_text(state: JobState, started: float, passes: int = 1) -> tuple[str, float]:
+    """`Step 7/20 · 35% · 2.4 s left` for a running job, or what it waits for.
+
+    With the hires fix (`passes=2`) the line says which pass runs (`First pass`, `Hires fix`) and
+    counts batches, not passes (the job state counts each pass, as AUTOMATIC1111's job_count)."""
     if state.interrupted:
         return "Interrupting…", 0.0
     if not state.job:
         return f"Waiting in the queue… {time.time() - started:.0f} s", 0.0
     fraction, eta = state.progress()
     text = f"Step {state.sampling_step}/{state.sampling_steps}"
-    if state.textinfo:  # a script's own progress, e.g. `X/Y/Z plot: cell 2 of 6`
-        text = f"{state.textinfo} · {text}"
-    if state.job_count > 1:
-        text += f" · batch {min(state.job_no + 1, state.job_count)}/{state.job_count}"
+    info = state.textinfo or ""
+    if passes > 1 and HIRES_PASS not in info:
+        info = f"{info} · {FIRST_PASS}" if info else FIRST_PASS
+    if info:  # a script's own progress, e.g. `X/Y/Z plot: cell 2 of 6`, and the pass
+        text = f"{info} · {text}"
+    count = max(state.job_count // passes, 1)
+    number = min(state.job_no // passes + 1, count)
+    if count > 1:
+        text += f" · batch {number}/{count}"
     text += f" · {100 * fraction:.0f}%"
     if state.sampling_step:
         text += f" · {eta:.1f} s left"

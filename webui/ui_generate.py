@@ -151,7 +151,8 @@ class GenerateHandler:
                 items.append((str(path), frames[i].caption))
             if not worker.is_alive():
                 return
-            text, fraction = job_progress_text(state, started)
+            text, fraction = job_progress_text(state, started, passes=2 if getattr(inspected.p, "enable_hr", False)
+                                               else 1)
             update = {t.progress: progress_html(text, fraction)}
             if new and time.time() - last_gallery >= gallery_interval(len(items)):
                 update[t.preview_gallery], last_gallery = list(items), time.time()
@@ -175,7 +176,8 @@ class GenerateHandler:
             t.info: infotext_html(processed.info) + verdict_html(processed),
             t.trajectory: gr.update(value=str(animation), visible=True) if animation else gr.update(visible=False),
             t.progress: progress_html(status, 0.0 if processed.interrupted else 1.0),
-            t.last_job: {"seeds": processed.all_seeds[:len(outputs)], "infotexts": processed.infotexts},
+            t.last_job: {"seeds": processed.all_seeds[:len(outputs)], "infotexts": processed.infotexts,
+                         "images": outputs},
             t.selected: 0,
             t.generate: gr.update(interactive=True),
         }

@@ -14,7 +14,7 @@ import gradio as gr
 
 from modules import sd_guidance, sd_samplers
 from modules.scripts import XYZ_PLOT, xyz_grid
-from webui import compare, inspector, previews
+from webui import compare, inspector, previews, ui_hires, ui_img2img
 from webui.ui_common import preview_label, progress_html, scheduler_labels
 
 NEGATIVE_GUIDANCE_HELP = """\
@@ -65,7 +65,9 @@ def build_job_tab(ctx, kind: str) -> JobTab:
 
     with gr.Row(elem_classes="sdneg-wrap"):
         with gr.Column(scale=1, elem_id=f"{kind}_settings"):
-            c["settings_top"] = gr.Group(visible=False)  # img2img puts its init image above the settings
+            with gr.Column(visible=kind == "img2img", elem_id=f"{kind}_settings_top") as c["settings_top"]:
+                if kind == "img2img":  # its init image (and mask) above the settings
+                    ui_img2img.build_image_inputs(ctx, kind, fields, c)
             with gr.Row():
                 fields["sampler_name"] = gr.Dropdown(sampler_names, value="DDIM" if "DDIM" in sampler_names
                                                      else sampler_names[0], label="Sampling method",
@@ -89,6 +91,8 @@ def build_job_tab(ctx, kind: str) -> JobTab:
                 fields["seed"] = gr.Number(value=-1, precision=0, label="Seed", elem_id=f"{kind}_seed", scale=4)
                 c["random_seed"] = gr.Button("⚄", elem_id=f"{kind}_random_seed", elem_classes="sdneg-tool", scale=0)
                 c["reuse_seed"] = gr.Button("♻", elem_id=f"{kind}_reuse_seed", elem_classes="sdneg-tool", scale=0)
+            if kind == "txt2img":
+                ui_hires.build_hires_accordion(ctx, kind, fields)
             build_guidance_accordion(ctx, kind, fields)  # with the settings, so the results start beside the prompts
             with gr.Accordion("Live previews", open=True, elem_id=f"{kind}_preview_settings"):
                 c["preview_subject"] = gr.Radio(previews.SUBJECTS, value=previews.SUBJECT_COMBINED,
@@ -182,6 +186,7 @@ def build_results(kind: str, c: dict) -> None:
                               format="png", object_fit="contain", interactive=False, elem_classes="sdneg-result")
     c["trajectory"] = gr.DownloadButton("Download the trajectory (animated GIF)", visible=False,
                                         elem_id=f"{kind}_trajectory_download")
+    c["send_buttons"] = ui_img2img.build_send_buttons(kind)
     c["info"] = gr.HTML(elem_id=f"html_info_{kind}")
     with gr.Row(elem_id=f"{kind}_compare_row", equal_height=True):
         c["compare_mode"] = gr.Dropdown(compare.compare_modes(), value=compare.WITHOUT_NEGATIVE,

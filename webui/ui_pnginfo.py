@@ -5,7 +5,7 @@ import html
 
 import gradio as gr
 
-from modules import images as images_module, sd_samplers
+from modules import images as images_module
 from modules.errors import UserError
 from webui.ui_common import error_html, infotext_html
 
@@ -46,27 +46,15 @@ def read_text(data: bytes) -> dict:
 
 def parameters_to_updates(text: str, fields: dict) -> dict:
     """An infotext -> updates of a job tab's controls (unknown samplers left unchanged, with a warning)."""
-    values = images_module.infotext_to_fields(images_module.parse_generation_parameters(text))
-    updates: dict = {}
-    for name, value in values.items():
-        if isinstance(value, (tuple, list)):  # a tuple field shown as one control per element
-            updates.update({fields[f"{name}[{i}]"]: v for i, v in enumerate(value) if f"{name}[{i}]" in fields})
-            continue
-        component = fields.get(name)
-        if component is None:
-            continue
-        if name == "sampler_name":
-            data = sd_samplers.find_sampler_config(value)
-            if data is None:
-                gr.Warning(f"Unknown sampler {value!r}: not changed")
-                continue
-            value = data.name
-        updates[component] = value
-    return updates
+    from webui.ui_img2img import control_updates
+
+    return control_updates(text, fields)
 
 
 def build_pnginfo_tab(tabs, job_tabs: dict) -> None:
-    """The tab's layout and its send buttons, one per job tab (AUTOMATIC1111's "Send to txt2img", ...)."""
+    """The tab's layout and its send buttons (AUTOMATIC1111's "Send to txt2img", "Send to img2img", "Send to inpaint")."""
+    from webui import ui_img2img
+
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="Source", type="filepath", image_mode=None, sources=["upload"],
@@ -74,7 +62,11 @@ def build_pnginfo_tab(tabs, job_tabs: dict) -> None:
         with gr.Column():
             info = gr.HTML(elem_id="pnginfo_html")
             parameters = gr.State("")
-            buttons = {kind: gr.Button(f"Send to {kind}", elem_id=f"pnginfo_send_to_{kind}") for kind in job_tabs}
+            with gr.Row():
+                buttons = {kind: gr.Button(f"Send to {kind}", elem_id=f"pnginfo_send_to_{kind}")
+                           for kind in job_tabs if kind not in ui_img2img.SEND_TARGETS}
+                image_buttons = {target: gr.Button(f"Send to {target}", elem_id=f"pnginfo_send_to_{target}")
+                                 for target, (kind, _) in ui_img2img.SEND_TARGETS.items() if kind in job_tabs}
     image.change(read_png_info, image, [info, parameters])
     for kind, button in buttons.items():
         fields = job_tabs[kind].fields
@@ -86,3 +78,4 @@ def build_pnginfo_tab(tabs, job_tabs: dict) -> None:
             return {tabs: gr.Tabs(selected=kind), **parameters_to_updates(text, fields)}
 
         button.click(send, parameters, [tabs, *fields.values()])
+    ui_img2img.wire_pnginfo_buttons(tabs, job_tabs, image_buttons, image, parameters)

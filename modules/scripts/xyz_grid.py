@@ -533,9 +533,9 @@ class XYZProcessed(Processed):
 
 
 def outpath_grids_for(p: StableDiffusionProcessingTxt2Img) -> Path:
-    """outputs/txt2img-grids beside outputs/txt2img-images (AUTOMATIC1111's default folders)."""
+    """outputs/txt2img-grids beside outputs/txt2img-images (img2img: img2img-grids; AUTOMATIC1111's folders)."""
     samples = Path(p.outpath_samples)
-    return samples.parent / "txt2img-grids"
+    return samples.parent / f"{getattr(p, 'job_name', 'txt2img')}-grids"
 
 
 ProcessFn = Callable[..., Processed]
