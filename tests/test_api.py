@@ -265,7 +265,11 @@ def test_samplers_schedulers_models_flags(api):
     assert post(api, "refresh-checkpoints").status_code == 200
     flags = get(api, "cmd-flags").json()
     assert flags["api"] is True and flags["nowebui"] is False and flags["port"] == api.port
-    assert get(api, "scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": []}
+    assert get(api, "scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot", "sd upscale"]}
+    info = {(s["name"], s["is_img2img"]): s["args"] for s in get(api, "script-info").json()}
+    assert set(info) == {("x/y/z plot", False), ("x/y/z plot", True), ("sd upscale", True)}
+    upscale = {a["label"]: a for a in info[("sd upscale", True)]}
+    assert upscale["Tile overlap"]["value"] == 64 and upscale["Upscaler"]["choices"][:3] == ["None", "Lanczos", "Nearest"]
 
 
 def test_options_switch_checkpoint_and_override(api):

@@ -33,10 +33,11 @@ from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
 
 from modules import images as images_module
-from modules import sd_samplers
+from modules import sd_samplers, upscaler
 from modules.errors import InvalidParameter, SamplerNotFound, UserError
 from modules.job_state import JobState
 from modules.scripts import XYZ_PLOT
+from modules.scripts.sd_upscale import SD_UPSCALE
 from webui import jobs
 from webui.context import WebUIContext
 
@@ -574,7 +575,7 @@ class Api:
         return flags
 
     def get_scripts_list(self) -> dict:
-        return {"txt2img": [XYZ_PLOT.lower()], "img2img": []}
+        return {"txt2img": [XYZ_PLOT.lower()], "img2img": [XYZ_PLOT.lower(), SD_UPSCALE.lower()]}
 
     def get_prompt_styles(self) -> list:
         self.ctx.styles.reload()
@@ -594,7 +595,14 @@ class Api:
         args = [{"label": name, "value": getattr(defaults, name, None), "minimum": None, "maximum": None,
                  "step": None, "choices": xyz_grid.AXIS_NAMES if name.endswith("_type") else None}
                 for name in jobs.XYZ_ARGUMENTS]
-        return [{"name": XYZ_PLOT.lower(), "is_alwayson": False, "is_img2img": False, "args": args}]
+        upscale_args = [{"label": label, "value": value, "minimum": lo, "maximum": hi, "step": step, "choices": choices}
+                        for label, value, lo, hi, step, choices in (
+                            ("info", None, None, None, None, None), ("Tile overlap", 64, 0, 256, 16, None),
+                            ("Upscaler", 0, None, None, None, [u.name for u in upscaler.list_upscalers(
+                                self.ctx.models_dir)]), ("Scale Factor", 2.0, 1.0, 4.0, 0.05, None))]
+        return [{"name": XYZ_PLOT.lower(), "is_alwayson": False, "is_img2img": is_img2img, "args": args}
+                for is_img2img in (False, True)] + [
+                {"name": SD_UPSCALE.lower(), "is_alwayson": False, "is_img2img": True, "args": upscale_args}]
 
     def get_memory(self) -> dict:
         """RAM and CUDA figures in AUTOMATIC1111's shape (bytes); with Ray workers, also each replica's state."""
