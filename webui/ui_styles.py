@@ -71,8 +71,8 @@ def build_styles(ctx, kind: str, fields: dict, c: dict) -> None:
                                        elem_id=f"{kind}_styles", scale=4, min_width=120)
         c["styles_refresh"] = gr.Button("↻", elem_id=f"{kind}_styles_refresh", elem_classes="sdneg-tool", scale=0)
     with gr.Row():
-        c["style_apply"] = gr.Button("🖌️ Apply styles", elem_id=f"{kind}_style_apply", size="sm", min_width=60)
-        c["style_create"] = gr.Button("💾 Save style", elem_id=f"{kind}_style_create", size="sm", min_width=60)
+        c["style_apply"] = gr.Button("Apply styles", elem_id=f"{kind}_style_apply", size="sm", min_width=60)
+        c["style_create"] = gr.Button("Save style", elem_id=f"{kind}_style_create", size="sm", min_width=60)
     c["style_name"] = gr.Textbox(show_label=False, placeholder="Name of the style to save", lines=1, max_lines=1,
                                  elem_id=f"{kind}_style_name", container=False)
     c["styles_info"] = gr.HTML(lambda: styles_status_html(ctx), elem_id=f"{kind}_styles_info", padding=False)
