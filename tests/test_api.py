@@ -455,7 +455,7 @@ def test_webuiapi_embeddings_loras_styles(api):
                             height=64, cfg_scale=7)
     text = result.image.info["parameters"]
     assert text.startswith("a red circle, shiny\nNegative prompt: blue, tinyneg, dull\n"), text
-    assert 'TI hashes: "tinyneg: ' in text
+    assert 'TI hashes: "tinyneg: ' in text and result.info["styles"] == ["Shiny"]
     result = client.txt2img(prompt="a red circle, wide", styles=["Nope"], seed=11, width=64, height=64)
     comments = result.info["comments"]
     assert "Style not found: Nope" in comments and "Embedding wide was skipped" in comments, comments

@@ -77,6 +77,7 @@ class Job:
     # (prompt, negative prompt) as sent, before `styles` were applied; None when no style was (Compare's
     # "Without styles" reruns the job with these)
     unstyled: tuple[str, str] | None = None
+    styles: list[str] = field(default_factory=list)  # the style names asked for (the API's info.styles)
 
     @property
     def runs(self) -> int:
@@ -246,6 +247,7 @@ def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler",
     p.upscaler_models_dir = getattr(ctx, "models_dir", None)
     p.allow_pickle_upscalers = bool(getattr(getattr(ctx, "args", None), "allow_pickle_checkpoints", False))
     unstyled = (p.prompt, p.negative_prompt) if p.styles else None
+    style_names = list(p.styles)
     warnings = apply_styles(ctx, p)
     warnings += skipped_embedding_warnings(ctx.model, [p.prompt, p.negative_prompt])
     script = make_script(request, p)
@@ -255,7 +257,7 @@ def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler",
         ctx.check_cost(p, runs=script.runs if script is not None else 1)
     keep = request.get("override_settings_restore_afterwards", True) is False
     return Job(kind, p, script, checkpoint, keep, send_images=send is not False, warnings=warnings,
-               unstyled=unstyled)
+               unstyled=unstyled, styles=style_names)
 
 
 def request_image(value: Any, field: str):
@@ -358,6 +360,7 @@ def run_job(ctx, job: Job, state: JobState | None = None, hooks: list[AfterSampl
     processed = ctx.run(job, state or JobState(), list(hooks))
     if job.warnings:
         processed.comments = "\n".join(filter(None, [processed.comments, *job.warnings]))
+    processed.styles = list(job.styles)
     if getattr(job.p, "negative_report", False) and processed.images and ctx.model is not None \
             and job.script is None:
         processed.negative_report = negative_report(ctx, job, processed.images, processed.all_negative_prompts)
