@@ -198,6 +198,7 @@ class Processed:
     extra_generation_params: dict = field(default_factory=dict)  # the infotext's img2img / hires keys
     comments: str = ""  # the job's warnings, one a line (AUTOMATIC1111's): LoRAs left out, unknown tags
     negative_report: list = field(default_factory=list)  # per image, the model's verdict (negative_verdict.py)
+    styles: list = field(default_factory=list)  # the style names the job layer applied (AUTOMATIC1111's info)
 
     @property
     def info(self) -> str:
@@ -206,7 +207,7 @@ class Processed:
     def js(self) -> dict:
         """The `info` object of AUTOMATIC1111's API response."""
         d = {k: v for k, v in asdict(self).items() if k not in ("images", "saved_paths", "interrupted")}
-        d.update(index_of_first_image=0, styles=[], restore_faces=False, face_restoration_model=None,
+        d.update(index_of_first_image=0, restore_faces=False, face_restoration_model=None,
                  sd_vae_name=None, sd_vae_hash=None, seed_resize_from_w=-1, seed_resize_from_h=-1,
                  version=VERSION)
         return d

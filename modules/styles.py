@@ -20,8 +20,29 @@ import glob
 import io
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import NamedTuple
+
+
+MAX_STYLE_NAME = 100
+
+
+def check_style_name(name) -> str:
+    """A new style's name, stripped; raises ValueError saying why a name cannot be saved (empty, too long,
+    a line break or control character, `#` first: the CSV reader would take that line for a comment)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("a style needs a name")
+    name = name.strip()
+    if len(name) > MAX_STYLE_NAME:
+        raise ValueError(f"a style name may have at most {MAX_STYLE_NAME} characters, got {len(name)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("a style name may not contain line breaks or control characters")
+    if name.startswith("#"):
+        raise ValueError("a style name may not start with # (styles.csv reads such a line as a comment)")
+    if name == "None":
+        raise ValueError("'None' is reserved (it means no style)")
+    return name
 
 
 class PromptStyle(NamedTuple):
@@ -91,6 +112,7 @@ class StyleDatabase:
         self.no_style = PromptStyle("None", "", "", None)
         self.styles: dict[str, PromptStyle] = {}
         self.warnings: list[str] = []
+        self.lock = threading.RLock()  # saving from two pages at once writes one file after the other
         first = self.paths[0]
         if any(c in os.path.basename(first) for c in "*?"):
             found = sorted(glob.glob(first))
@@ -111,31 +133,37 @@ class StyleDatabase:
         return [p for p in out if not (str(p.resolve()) in seen or seen.add(str(p.resolve())))]
 
     def reload(self) -> list[str]:
-        """Read every file again; returns the warnings (also in `self.warnings`)."""
-        self.styles.clear()
-        self.warnings = []
-        self.loaded_files = [p for p in self.files() if p.is_file()]
-        for path in self.loaded_files:
-            self.load_from_csv(path)
-        return self.warnings
+        """Read every file again; returns the warnings (also in `self.warnings`). The new styles replace the
+        old ones at once, so a job applying styles meanwhile sees the old set or the new one, never none."""
+        styles: dict[str, PromptStyle] = {}
+        warnings: list[str] = []
+        with self.lock:
+            loaded = [p for p in self.files() if p.is_file()]
+            for path in loaded:
+                self._read_csv(path, styles, warnings)
+            self.styles, self.warnings, self.loaded_files = styles, warnings, loaded
+        return warnings
 
     def load_from_csv(self, path: str | Path) -> None:
+        self._read_csv(Path(path), self.styles, self.warnings)
+
+    def _read_csv(self, path: Path, styles: dict, warnings: list) -> None:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
-            self.warnings.append(f"{path}: could not be read: {type(e).__name__}: {e}")
+            warnings.append(f"{path}: could not be read: {type(e).__name__}: {e}")
             return
         try:
             reader = csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True)
             fields = reader.fieldnames or []
         except csv.Error as e:
-            self.warnings.append(f"{path}: not a CSV file: {e}")
+            warnings.append(f"{path}: not a CSV file: {e}")
             return
         if "name" not in fields or not ({"prompt", "text"} & set(fields)):
             if fields:
-                self.warnings.append(f"{path}: the header must name the columns name,prompt,negative_prompt "
-                                     f"(found {','.join(fields)})")
+                warnings.append(f"{path}: the header must name the columns name,prompt,negative_prompt "
+                            f"(found {','.join(fields)})")
             return
         while True:
             try:
@@ -143,24 +171,24 @@ class StyleDatabase:
             except StopIteration:
                 break
             except csv.Error as e:
-                self.warnings.append(f"{path} line {reader.line_num}: skipped: {e}")
+                warnings.append(f"{path} line {reader.line_num}: skipped: {e}")
                 continue
             line = reader.line_num
             if not row or not any(v for v in row.values() if isinstance(v, str)):
                 continue
             name = row.get("name")
             if None in row:  # more columns than the header
-                self.warnings.append(f"{path} line {line}: skipped: more columns than the header "
-                                     f"({','.join(fields)}); quote texts that contain commas")
+                warnings.append(f"{path} line {line}: skipped: more columns than the header "
+                            f"({','.join(fields)}); quote texts that contain commas")
                 continue
             if not name or not name.strip():
-                self.warnings.append(f"{path} line {line}: skipped: no name")
+                warnings.append(f"{path} line {line}: skipped: no name")
                 continue
             if name.startswith("#"):
                 continue
             prompt = row.get("prompt") if "prompt" in row else row.get("text")
             negative = row.get("negative_prompt")
-            self.styles[name] = PromptStyle(name, prompt or "", negative or "", str(path))
+            styles[name] = PromptStyle(name, prompt or "", negative or "", str(path))
 
     # -- applying -----------------------------------------------------------------------------------
     def unknown(self, styles: list[str]) -> list[str]:
@@ -213,6 +241,26 @@ class StyleDatabase:
         where = str(path) if path is not None else (old.path if old is not None else str(self.default_path))
         self.styles[name] = PromptStyle(name, prompt, negative_prompt, where)
 
+    def save_style(self, name: str, prompt: str, negative_prompt: str = "") -> tuple[str, bool]:
+        """Add (or replace) a style and write its file at once, atomically: (name, whether it replaced one).
+        Raises ValueError for a name that cannot be saved (check_style_name), OSError if the file cannot be
+        written (the styles are then as they were)."""
+        name = check_style_name(name)
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+            raise ValueError("a style's prompt and negative prompt must be text")
+        with self.lock:
+            old = self.styles.get(name)
+            self.add_style(name, prompt, negative_prompt)
+            try:
+                self.save_styles()
+            except OSError:
+                if old is None:
+                    self.styles.pop(name, None)
+                else:
+                    self.styles[name] = old
+                raise
+        return name, old is not None
+
     def delete_style(self, name: str) -> bool:
         return self.styles.pop(name, None) is not None
 
@@ -231,14 +279,17 @@ class StyleDatabase:
             target = Path(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            with open(tmp, "w", encoding="utf-8-sig", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.prompt_fields)
-                writer.writeheader()
-                for s in styles:
-                    writer.writerow({"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt})
-            if target.exists():
-                shutil.copy2(target, target.with_name(target.name + ".bak"))
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "w", encoding="utf-8-sig", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=self.prompt_fields)
+                    writer.writeheader()
+                    for s in styles:
+                        writer.writerow({"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt})
+                if target.exists():
+                    shutil.copy2(target, target.with_name(target.name + ".bak"))
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)  # nothing half-written is left behind
             written.append(target)
         return written
 

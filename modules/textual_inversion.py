@@ -29,6 +29,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,6 +544,27 @@ def refresh_embeddings(model) -> dict:
         return {"loaded": {}, "skipped": {}}
     db.load(None, model)
     return db.api_dict()
+
+
+def skipped_in_texts(model, texts) -> list[str]:
+    """`Embedding NAME was skipped (reason): its name is encoded as ordinary words` for each skipped embedding
+    whose name appears as a word in `texts` (case-insensitive, as the tokenizer is), after re-reading a
+    changed folder; a loaded embedding of the same name wins and gives no warning."""
+    db = getattr(model, "embedding_db", None)
+    if db is None:
+        return []
+    db.load_if_changed(model)
+    if not db.skipped:
+        return []
+    text = "\n".join(t for t in texts if isinstance(t, str))
+    out, seen = [], set()
+    for s in db.skipped.values():
+        if s.name in db.loaded or s.name in seen or not s.name:
+            continue
+        if re.search(rf"(?<![\w-]){re.escape(s.name)}(?![\w-])", text, flags=re.IGNORECASE):
+            seen.add(s.name)
+            out.append(f"Embedding {s.name} was skipped ({s.reason}): its name is encoded as ordinary words")
+    return out
 
 
 def used_embeddings(model, texts) -> dict[str, Embedding]:

@@ -36,9 +36,30 @@ def outdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api(models, outdir):
+def extras(tmp_path_factory):
+    """A styles file, an embeddings folder (one that fits the tiny models, one that does not) and a LoRA folder."""
+    import torch
+
+    from modules import textual_inversion as ti
+
+    root = tmp_path_factory.mktemp("extras")
+    (root / "styles.csv").write_text('name,prompt,negative_prompt\nShiny,"{prompt}, shiny","tinyneg, dull"\n')
+    (root / "embeddings").mkdir()
+    ti.save_embedding(ti.Embedding("tinyneg", torch.randn(2, 32, generator=torch.Generator().manual_seed(0))),
+                      root / "embeddings" / "tinyneg.safetensors")
+    ti.save_embedding(ti.Embedding("wide", torch.zeros(1, 768)), root / "embeddings" / "wide.safetensors")
+    (root / "Lora").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 4)}, str(root / "Lora" / "detail.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def api(models, outdir, extras):
     server = start_server(models[0], "--api", "--gradio-auth", "ui:pw", "--ckpt-dir", str(models[0].parent),
-                          "--outdir-samples", str(outdir))
+                          "--outdir-samples", str(outdir), "--styles-file", str(extras / "styles.csv"),
+                          "--embeddings-dir", str(extras / "embeddings"), "--lora-dir", str(extras / "Lora"))
     yield server
     server.stop()
 
@@ -442,3 +463,25 @@ def test_webuiapi_img2img_inpainting_and_extras(api):
     assert np.abs(out[~keep] - src[~keep]).mean() > 10
     upscaled = client.extra_single_image(image=init, upscaler_1="Lanczos", upscaling_resize=2)
     assert upscaled.image.size == (128, 128)
+
+
+def test_webuiapi_embeddings_loras_styles(api):
+    """webuiapi's get_embeddings, get_loras, get_prompt_styles and a txt2img with `styles`, unchanged: the
+    style's text reaches the infotext, its negative embedding is used (TI hashes); a skipped embedding
+    named in a prompt is a warning in `info` and the job runs."""
+    webuiapi = pytest.importorskip("webuiapi")
+    client = webuiapi.WebUIApi(host="127.0.0.1", port=api.port, sampler="DDIM", steps=3)
+    embeddings = client.get_embeddings()
+    assert embeddings["loaded"]["tinyneg"]["vectors"] == 2 and embeddings["loaded"]["tinyneg"]["shape"] == 32
+    assert "wide" in embeddings["skipped"] and "wide" not in embeddings["loaded"]
+    assert [lora["name"] for lora in client.get_loras()] == ["detail"]
+    assert client.get_prompt_styles() == [{"name": "Shiny", "prompt": "{prompt}, shiny",
+                                           "negative_prompt": "tinyneg, dull"}]
+    result = client.txt2img(prompt="a red circle", negative_prompt="blue", styles=["Shiny"], seed=11, width=64,
+                            height=64, cfg_scale=7)
+    text = result.image.info["parameters"]
+    assert text.startswith("a red circle, shiny\nNegative prompt: blue, tinyneg, dull\n"), text
+    assert 'TI hashes: "tinyneg: ' in text and result.info["styles"] == ["Shiny"]
+    result = client.txt2img(prompt="a red circle, wide", styles=["Nope"], seed=11, width=64, height=64)
+    comments = result.info["comments"]
+    assert "Style not found: Nope" in comments and "Embedding wide was skipped" in comments, comments

@@ -149,3 +149,78 @@ def test_a_compare_rerun_is_the_sessions_job_but_keeps_its_files(tmp_path):
     assert jobs.interrupt("k") and rerun.interrupted
     jobs.finish("k", rerun)
     assert files.exists()
+
+
+def test_without_styles_and_without_lora_rerun_the_plain_job(tiny_model_dir, tmp_path):
+    """Compare "Without styles" reruns the prompts as sent (before the styles), "Without LoRA" the prompt with
+    its `<lora:...>` tags taken out: each rerun equals the plain job bit for bit, and differs from the result
+    where the style or the LoRA acted."""
+    from fastapi.testclient import TestClient
+
+    from modules import cmd_args, sd_models
+    from tests.test_lora import kohya_lora, save
+
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    model = sd_models.load_model(tiny_model_dir, device="cpu", lora_dir=lora_dir)
+    save(kohya_lora(model.unet, {"lora_te_": model.cond_stage.text_encoder}), lora_dir / "tiny.safetensors")
+    styles = tmp_path / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nSquare,"{prompt}, blue square","red"\n')
+    args = cmd_args.parse_args(["--ckpt", str(model.path), "--outdir-samples", str(tmp_path / "outputs"),
+                                "--ui-settings-file", str(tmp_path / "config.json"), "--styles-file", str(styles)])
+    client = TestClient(_app(args, model))
+    job = {**SMALL, "seed": 5, "negative_prompt": "green"}
+
+    def pixels(images):
+        return [np.asarray(decode(b).convert("RGB")) for b in images]
+
+    def plain(**fields):
+        r = client.post("/sdapi/v1/txt2img", json={**job, **fields})
+        assert r.status_code == 200, r.text
+        return pixels(r.json()["images"])
+
+    r = client.post("/sdapi/v1/txt2img-compare", json={**job, "styles": ["Square"], "compare_with": "no styles"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["compare_with"] == compare.WITHOUT_STYLES
+    assert json.loads(body["info"])["negative_prompt"] == "green, red"  # the style acted on both prompts
+    assert json.loads(body["info_compare"])["prompt"] == SMALL["prompt"]
+    styled, rerun = pixels(body["images"]), pixels(body["images_compare"])
+    assert all(np.array_equal(a, b) for a, b in zip(rerun, plain()))
+    assert all(m > 0 for m in body["mean_differences"])
+    assert all(np.array_equal(a, b) for a, b in zip(styled, plain(prompt=SMALL["prompt"] + ", blue square",
+                                                                  negative_prompt="green, red")))
+
+    r = client.post("/sdapi/v1/txt2img-compare", json={**job, "prompt": SMALL["prompt"] + " <lora:tiny:1>",
+                                                       "compare_with": "Without LoRA"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "Lora hashes" in json.loads(body["info"])["infotexts"][0]
+    assert "Lora hashes" not in json.loads(body["info_compare"])["infotexts"][0]
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(body["images_compare"]), plain()))
+    assert all(m > 0 for m in body["mean_differences"])
+    # a job without styles or LoRA: the rerun is the same job
+    r = client.post("/sdapi/v1/txt2img-compare", json={**job, "compare_with": "no styles"})
+    assert r.status_code == 200 and r.json()["mean_differences"] == [0.0, 0.0]
+
+
+def _app(args, model):
+    from fastapi import FastAPI
+
+    from webui.api import Api
+    from webui.context import WebUIContext
+
+    app = FastAPI()
+    Api(app, WebUIContext(args, model))
+    return app
+
+
+def test_variant_without_styles_and_lora_changes_only_the_prompts():
+    p = StableDiffusionProcessingTxt2Img(prompt="a cat, sharp <lora:x:0.5>", negative_prompt="blurry", seed=3,
+                                         hr_prompt="<lora:y:1> a cat")
+    q = compare.variant(p, "no lora")
+    assert (q.prompt, q.hr_prompt, q.negative_prompt, q.seed) == ("a cat, sharp ", " a cat", "blurry", 3)
+    r = compare.variant(p, "Without styles", unstyled=("a cat", ""))
+    assert (r.prompt, r.negative_prompt, r.seed) == ("a cat", "", 3)
+    assert compare.variant(p, "no styles") == p
+    assert compare.compare_modes()[:3] == [compare.WITHOUT_NEGATIVE, compare.WITHOUT_STYLES, compare.WITHOUT_LORA]

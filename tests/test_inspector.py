@@ -142,6 +142,7 @@ def test_inspector_shows_four_views_that_follow_the_slider(browser, server):
     wait_info(page, r"^Step 6/6")
     for name in inspector.VIEWS:  # labelled
         assert inspector.VIEW_LABELS[name] in page.inner_text(f"#txt2img_inspector_{name}")
+    page.locator("#txt2img_inspector_plot").scroll_into_view_if_needed()  # its image loads lazily, when in view
     page.wait_for_selector("#txt2img_inspector_plot img")
     last = all_views(page)
     assert not np.array_equal(last["prompt"], last["negative"])  # the two branches predicted different images

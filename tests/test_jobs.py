@@ -52,6 +52,7 @@ CHANGES = {
     "hr_cfg": (5.0, 5.0),
     "hr_prompt": ("a blue circle", "a blue circle"),
     "hr_negative_prompt": ("green", "green"),
+    "styles": (["Neg"], ["Neg"]),  # the Styles multi-select: names, expanded by the job layer for both doors
 }
 HIRES = {"hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_scale", "hr_resize_x", "hr_resize_y",
          "hr_sampler_name", "hr_scheduler", "hr_cfg", "hr_prompt", "hr_negative_prompt"}
@@ -97,8 +98,11 @@ def build_page_and_api(tiny_model, tmp_path):
     from webui.context import WebUIContext
     from webui.ui import create_ui
 
+    styles = tmp_path / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\nNeg,"{prompt}, sharp","blurry, lowres"\nbroken,"a,b",c,d\n')
     ctx = WebUIContext(cmd_args.parse_args(["--ckpt", str(tiny_model.path), "--outdir-samples", str(tmp_path / "out"),
-                                            "--ui-settings-file", str(tmp_path / "config.json")]), tiny_model)
+                                            "--ui-settings-file", str(tmp_path / "config.json"),
+                                            "--styles-file", str(styles)]), tiny_model)
     demo = create_ui(ctx)
     api = Api(FastAPI(), ctx)
     return ctx, demo, api
@@ -330,6 +334,24 @@ def test_options_reach_page_and_api_jobs_alike(fresh_doors, option, value, field
     page = make(ctx, page_values_)
     api_ = api_job(ctx, api, changes, defaults)
     assert getattr(page.p, field) == getattr(api_.p, field) == value
+
+
+def test_styles_reach_page_and_api_jobs_alike_with_their_warnings(doors):
+    """The page's Styles multi-select and the API's `styles` are expanded by the one job layer: the same
+    prompts, the prompts as sent kept for Compare's "Without styles", the same warnings (an unknown style,
+    the styles file's unreadable line) that end up in the result's comments (the API's `info`)."""
+    ctx, controls, api = doors
+    changes = {"prompt": ("a red circle", "a red circle"), "negative_prompt": ("blue", "blue"),
+               "styles": (["Neg", "Missing"], ["Neg", "Missing"])}
+    defaults = {k: v for k, v in page_defaults_as_json(controls).items() if k != "save_images"}
+    page, api_ = page_job(ctx, controls, changes), api_job(ctx, api, changes, defaults)
+    assert page.p == api_.p and page.unstyled == api_.unstyled == ("a red circle", "blue")
+    assert (page.p.prompt, page.p.negative_prompt) == ("a red circle, sharp", "blue, blurry, lowres")
+    assert page.warnings == api_.warnings
+    assert "Style not found: Missing" in page.warnings
+    assert any("line 3" in w and "more columns" in w for w in page.warnings), page.warnings
+    plain = page_job(ctx, controls, {"styles": ([], [])})
+    assert plain.unstyled is None and plain.warnings == []
 
 
 def test_page_job_refuses_what_the_api_refuses(doors):

@@ -166,3 +166,40 @@ def test_a_styles_negative_reaches_the_uncond_conditioning(tiny_model, tmp_path,
     db.apply_to_job(p)
     db.apply_to_job(p)
     assert p.prompt == "x, sharp focus" and p.negative_prompt == "blurry, lowres"
+
+
+def test_save_style_from_the_page_refuses_bad_names_and_writes_atomically(tmp_path, monkeypatch):
+    """The page's "save the current prompt and negative prompt as a style": a name that cannot be saved is
+    refused with the reason and nothing is written; a good one lands in the first file, read back equal."""
+    import os
+
+    f = write(tmp_path / "styles.csv", "name,prompt,negative_prompt\nOld,old text,\n")
+    db = StyleDatabase([f])
+    before = f.read_bytes()
+    for name, why in (("", "needs a name"), ("   ", "needs a name"), ("#hidden", "start with #"),
+                      ("two\nlines", "line breaks"), ("x" * 101, "at most 100"), ("None", "reserved")):
+        try:
+            db.save_style(name, "p", "n")
+        except ValueError as e:
+            assert why in str(e), (name, e)
+        else:
+            raise AssertionError(f"{name!r} was saved")
+    assert f.read_bytes() == before and list(db.styles) == ["Old"]
+
+    assert db.save_style("  Neg, \"quoted\"  ", "{prompt}, sharp", "blurry, circleness") == ('Neg, "quoted"', False)
+    assert db.save_style("Old", "new text", "") == ("Old", True)
+    again = StyleDatabase([f])
+    assert again.styles['Neg, "quoted"'][1:3] == ("{prompt}, sharp", "blurry, circleness")
+    assert again.styles["Old"].prompt == "new text" and not again.warnings
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # written through a renamed temporary
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)  # the file cannot be written: the database stays as it was
+    try:
+        db.save_style("Another", "x", "y")
+    except OSError:
+        pass
+    assert "Another" not in db.styles and "Another" not in StyleDatabase([f]).styles
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

@@ -103,12 +103,32 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ui")
     model = build_tiny_sd(root / "models" / "tiny-sd")
-    srv = start_server(model, "--outdir-samples", str(root / "outputs"))
-    srv.outdir = root / "outputs"
+    make_extras(root)
+    srv = start_server(model, "--outdir-samples", str(root / "outputs"), "--styles-file", str(root / "styles.csv"),
+                       "--embeddings-dir", str(root / "embeddings"), "--lora-dir", str(root / "Lora"))
+    srv.outdir, srv.root = root / "outputs", root
     yield srv
     srv.stop()
 
 
+
+
+def make_extras(root):
+    """A styles file, embeddings (one fits the tiny model and has a preview beside it, one does not fit), a LoRA."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from modules import textual_inversion as ti
+
+    (root / "styles.csv").write_text('name,prompt,negative_prompt\nShiny,"{prompt}, shiny","tinyneg, dull"\n')
+    (root / "embeddings").mkdir()
+    ti.save_embedding(ti.Embedding("tinyneg", torch.randn(2, 32, generator=torch.Generator().manual_seed(0))),
+                      root / "embeddings" / "tinyneg.safetensors")
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(root / "embeddings" / "tinyneg.preview.png")
+    ti.save_embedding(ti.Embedding("wide", torch.zeros(1, 768)), root / "embeddings" / "wide.safetensors")
+    (root / "Lora").mkdir()
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 4)}, str(root / "Lora" / "detail.safetensors"))
 
 
 def fill_job(page, prompt: str, negative: str = "", steps: int = 6, batch_size: int = 1, batch_count: int = 1,
@@ -416,4 +436,66 @@ def test_hires_fix_then_send_to_img2img(browser, server):
     img2img_progress(page, "^Done")
     assert result_pixels(page, "img2img").shape == (128, 128, 3)
     assert "Seed: 4242" in page.inner_text("#html_info_img2img")
+
+
+def test_styles_and_extra_networks_panel(browser, server):
+    """Extra networks cards insert into the prompt, or the negative prompt when it was focused last (embeddings;
+    a LoRA always into the prompt, as AUTOMATIC1111), a second click takes the text out, search filters; the
+    Styles multi-select reaches the job (its text in the infotext), Apply writes the boxes, Save writes
+    styles.csv and refuses a bad name; a skipped embedding and an unknown style are warnings on the page."""
+    page = open_page(browser, server)
+    prompt, negative = "#txt2img_prompt textarea", "#txt2img_neg_prompt textarea"
+    page.fill(prompt, "a red circle")
+    page.fill(negative, "")
+    page.click("#txt2img_extra_networks .label-wrap")
+    card = "#txt2img_textual_inversion_cards .card[data-name=tinyneg]"
+    page.wait_for_selector(card)
+    assert page.locator(f"{card} img.preview").get_attribute("src").startswith("data:image/jpeg;base64,")
+    assert "wide" in page.inner_text("#txt2img_textual_inversion_cards .sdneg-skipped")  # with the reason
+    page.click(prompt)
+    page.click(card)
+    assert page.input_value(prompt) == "a red circle tinyneg"
+    page.click(card)
+    assert page.input_value(prompt) == "a red circle"
+    page.click(negative)
+    page.click(card)
+    assert page.input_value(negative) == "tinyneg" and page.input_value(prompt) == "a red circle"
+    page.get_by_role("tab", name="Lora").click()
+    page.click("#txt2img_lora_cards .card[data-name=detail]")
+    assert page.input_value(prompt) == "a red circle <lora:detail:1>" and page.input_value(negative) == "tinyneg"
+    page.fill("#txt2img_extra_search input, #txt2img_extra_search textarea", "zzz")
+    page.wait_for_selector("#txt2img_lora_cards .card[data-name=detail]", state="hidden")
+    page.fill("#txt2img_extra_search input, #txt2img_extra_search textarea", "DET")
+    page.wait_for_selector("#txt2img_lora_cards .card[data-name=detail]", state="visible")
+
+    # a style chosen in the multi-select goes with the job, through the job layer
+    page.fill(prompt, "a red circle, wide")
+    page.fill(negative, "blue")
+    page.click("#txt2img_styles input")
+    page.get_by_role("option", name="Shiny").click()
+    page.wait_for_function("document.querySelector('#txt2img_styles').innerText.includes('Shiny')")
+    set_number(page, "txt2img_steps", 2)
+    page.click("#txt2img_generate")
+    wait_progress(page, "^Done")
+    info = page.inner_text("#html_info_txt2img")
+    assert "a red circle, wide, shiny" in info and "Negative prompt: blue, tinyneg, dull" in info, info
+    assert "Embedding wide was skipped" in page.inner_text("#html_info_txt2img .sdneg-warnings")
+    # Apply writes the chosen styles into the boxes and clears the choice
+    page.click("#txt2img_style_apply")
+    page.wait_for_function("s => document.querySelector(s).value.endsWith(', shiny')", arg=prompt)
+    assert page.input_value(negative) == "blue, tinyneg, dull"
+    # Save: a bad name is refused, a good one written to styles.csv
+    styles_file = server.root / "styles.csv"
+    page.fill("#txt2img_style_name input, #txt2img_style_name textarea", "#hidden")
+    page.click("#txt2img_style_create")
+    page.wait_for_function("document.querySelector('#txt2img_styles_info').innerText.includes('start with #')")
+    assert "#hidden" not in styles_file.read_text()
+    page.fill("#txt2img_style_name input, #txt2img_style_name textarea", "Mine")
+    page.click("#txt2img_style_create")
+    deadline = time.monotonic() + 30
+    while "Mine" not in styles_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    from modules.styles import StyleDatabase
+
+    assert StyleDatabase([styles_file]).styles["Mine"][1:3] == ("a red circle, wide, shiny", "blue, tinyneg, dull")
     page.context.close()

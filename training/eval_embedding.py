@@ -10,6 +10,7 @@ prompt, with the word(s) given by `--negative`, and with each embedding given by
 1 - circles_with / circles_without, the *keep rate* how often the image is still blue on gray.
 
     python training/eval_embedding.py --embedding circleness [--negative circle] [--seeds 40] [--json out.json]
+    python training/eval_embedding.py --embedding circleness --guidance Perp-Neg
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--negative", action="append", default=None, help="plain negative prompt(s) to compare "
                                                                       "(default: circle)")
     ap.add_argument("--seeds", type=int, default=40)
+    ap.add_argument("--guidance", default="CFG", help="the guidance rule of the runs with a negative (CFG, Perp-Neg, ...)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--reuse", type=Path, default=None,
@@ -95,13 +97,17 @@ def main(argv=None) -> int:
     if args.reuse:
         earlier = json.loads(args.reuse.read_text())
         if earlier.get("seeds") == args.seeds and earlier.get("prompt") == PROMPT:
-            known = {k: v for k, v in earlier["results"].items() if k not in args.embedding}
+            same_rule = earlier.get("guidance", "CFG") == args.guidance
+            # the run without a negative is plain CFG under every rule; the others only under the same rule
+            known = {k: v for k, v in earlier["results"].items()
+                     if k not in args.embedding and (same_rule or k == "")}
     res = measure(model, (args.negative if args.negative is not None else ["circle"]) + args.embedding, args.seeds,
-                  known=known)
-    print(format_table(res, args.seeds))
+                  known=known, guidance=args.guidance)
+    print(format_table(res, args.seeds) + ("" if args.guidance == "CFG" else f" (guidance {args.guidance})"))
     print(f"\n({time.time() - t0:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({"prompt": PROMPT, "seeds": args.seeds, "results": res}, indent=1))
+        args.json.write_text(json.dumps({"prompt": PROMPT, "seeds": args.seeds, "guidance": args.guidance,
+                                         "results": res}, indent=1))
     return 0
 
 

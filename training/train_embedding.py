@@ -112,6 +112,9 @@ class Contrast:
     strength: float = 1.0
     t_range: tuple[int, int] = (400, 1000)
     templates: tuple[tuple[str, str], ...] = CONTRAST_TEMPLATES
+    # "prompt": the target is e(prompt) + strength d; "empty": e("") + strength d, so the vectors need not
+    # carry the prompt's colour and background (a negative embedding is used with any prompt)
+    base: str = "prompt"
 
 
 def _caption_for(template: str, name: str, words: dict | str) -> str:
@@ -348,6 +351,8 @@ def train_embedding(model, name: str, data, steps: int, *, num_vectors: int = 1,
                 xt = (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).to(model.device, model.dtype)
                 td = t.to(model.device)
                 with torch.no_grad():
+                    if contrast.base == "empty":
+                        prompts = [""] * batch_size
                     cs = [_encode_batch(cond, texts, chunk_cache) for texts in (prompts, with_c, with_o)]
                     n = max(c.shape[1] for c in cs)
                     if any(c.shape[1] != n for c in cs):
@@ -445,6 +450,8 @@ def main(argv=None) -> int:
                     help="train it as a negative prompt by contrast: e.g. circle:square,triangle (see Contrast)")
     ap.add_argument("--contrast-strength", type=float, default=1.0)
     ap.add_argument("--contrast-t", type=int, nargs=2, default=[400, 1000], metavar=("LO", "HI"))
+    ap.add_argument("--contrast-base", choices=["prompt", "empty"], default="prompt",
+                    help="the contrast target starts from the prompt's prediction or the empty prompt's")
     ap.add_argument("--template", action="append", default=None,
                     help=f"caption template with [name] / [filewords] (repeatable; default {DEFAULT_TEMPLATE!r}, "
                          "or the shape captions with --shapes)")
@@ -471,7 +478,8 @@ def main(argv=None) -> int:
     contrast = contrast_data = None
     if args.contrast:
         concept, _, others = args.contrast.partition(":")
-        contrast = Contrast(concept, tuple(others.split(",")), args.contrast_strength, tuple(args.contrast_t))
+        contrast = Contrast(concept, tuple(others.split(",")), args.contrast_strength, tuple(args.contrast_t),
+                            base=args.contrast_base)
         contrast_data = ShapesData(",".join([concept, *contrast.others]), pool=args.pool, seed=args.seed + 3)
     try:
         lr = float(args.lr)

@@ -140,9 +140,11 @@ class TextToImageResponse(BaseModel):
 
 class TextToImageCompareResponse(BaseModel):
     """POST /sdapi/v1/txt2img-compare: the request as given, and again with one thing changed (webui/compare.py)."""
-    compare_with: str = Field(description="What the second run changed: 'Without negative prompt' or a guidance rule")
+    compare_with: str = Field(description="What the second run changed: 'Without negative prompt', 'Without styles', "
+                                          "'Without LoRA' or a guidance rule")
     images: list[str] = Field(description="The request's images, base64 PNG with infotext")
-    images_compare: list[str] = Field(description="Same seeds and settings, negative prompt empty (or the other rule)")
+    images_compare: list[str] = Field(description="Same seeds and settings, negative prompt empty (or without the "
+                                                  "styles, the <lora:...> tags, or under the other rule)")
     differences: list[str] = Field(description="|images - images_compare| per pixel and channel, base64 PNG (black: equal)")
     mean_differences: list[float] = Field(description="Mean of each difference image, 8-bit units")
     parameters: dict
@@ -277,8 +279,10 @@ class Api:
         from webui import compare
 
         Txt2ImgCompare = create_model("StableDiffusionProcessingTxt2ImgCompare", __base__=Txt2Img, compare_with=(
-            str, Field(default="no negative", description="'no negative' (rerun with the negative prompt empty) or "
-                                                          "a guidance rule: " + ", ".join(compare.compare_modes()[1:]))))
+            str, Field(default="no negative", description="'no negative' (rerun with the negative prompt empty), "
+                                                          "'no styles' (the prompts as sent, before styles), 'no lora' "
+                                                          "(the <lora:...> tags taken out) or a guidance rule: "
+                                                          + ", ".join(compare.compare_modes()[3:]))))
 
         async def txt2img_compare(req: Txt2ImgCompare, request: Request) -> TextToImageCompareResponse:  # type: ignore[valid-type]
             return await self.text2img_compare_api(req, request)

@@ -1,5 +1,9 @@
-"""Compare without negative: the same job again with the negative prompt empty, or under another guidance rule.
+"""Compare without negative: the same job again with the negative prompt empty, without its styles, without
+its LoRAs, or under another guidance rule.
 
+"Without styles" reruns the prompts as they were sent, before `styles` were applied (the job
+layer keeps them: `Job.unstyled`); "Without LoRA" takes the `<lora:...>` tags out of the prompt
+(the rest of the text is encoded exactly as in the LoRA job, where the tags were taken out too).
 Used by the txt2img page's *Compare* button (on the session's last job) and by
 `POST /sdapi/v1/txt2img-compare`. The second run keeps every setting and the seeds of
 the first (a random seed is fixed before either runs), so the two differ only by what
@@ -17,23 +21,32 @@ from modules import processing, sd_guidance
 from modules.errors import InvalidParameter
 
 WITHOUT_NEGATIVE = "Without negative prompt"
+WITHOUT_STYLES = "Without styles"
+WITHOUT_LORA = "Without LoRA"
 NO_NEGATIVE_ALIASES = {"no negative", "without negative", "without negative prompt", "no negative prompt", "none", ""}
+ALIASES = {**{a: WITHOUT_NEGATIVE for a in NO_NEGATIVE_ALIASES},
+           **{a: WITHOUT_STYLES for a in ("without styles", "no styles", "without style", "no style")},
+           **{a: WITHOUT_LORA for a in ("without lora", "no lora", "without loras", "no loras")}}
+PROMPT_FIELDS = ("prompt", "hr_prompt")  # where <lora:...> tags act (AUTOMATIC1111 reads them from prompts only)
 
 
 def compare_modes() -> list[str]:
-    """The choices of the page's dropdown: no negative, then each guidance rule."""
-    return [WITHOUT_NEGATIVE] + [r.name for r in sd_guidance.guidance_rules]
+    """The choices of the page's dropdown: no negative, no styles, no LoRA, then each guidance rule."""
+    return [WITHOUT_NEGATIVE, WITHOUT_STYLES, WITHOUT_LORA] + [r.name for r in sd_guidance.guidance_rules]
 
 
 def resolve_mode(compare_with: str | None) -> str:
-    """`"no negative"` (and its spellings) or a guidance rule's name -> the canonical mode; 422 otherwise."""
-    text = (compare_with or "").strip()
-    if text.lower() in NO_NEGATIVE_ALIASES:
-        return WITHOUT_NEGATIVE
+    """`"no negative"`, `"no styles"`, `"no lora"` (and their spellings) or a guidance rule's name -> the
+    canonical mode; 422 otherwise."""
+    text = (compare_with or "").strip() if isinstance(compare_with, str) or compare_with is None else None
+    if text is None:
+        raise InvalidParameter("compare_with must be text", field="compare_with")
+    if text.lower() in ALIASES:
+        return ALIASES[text.lower()]
     try:
         return sd_guidance.find_guidance_rule(text).name
     except InvalidParameter:
-        raise InvalidParameter(f"compare_with must be 'no negative' or a guidance rule "
+        raise InvalidParameter(f"compare_with must be 'no negative', 'no styles', 'no lora' or a guidance rule "
                                f"({', '.join(r.name for r in sd_guidance.guidance_rules)}), got {compare_with!r}",
                                field="compare_with") from None
 
@@ -43,11 +56,27 @@ def fix_seeds(p):
     return dataclasses.replace(p, seed=processing.fix_seed(p.seed), subseed=processing.fix_seed(p.subseed))
 
 
-def variant(p, compare_with: str):
-    """The job to compare with: negative prompt empty, or the same job under another guidance rule."""
+def strip_lora(text: str) -> str:
+    """The prompt as the LoRA job encoded it: every `<kind:...>` tag taken out (modules/extra_networks)."""
+    from modules import extra_networks
+
+    return extra_networks.parse_prompt(text)[0] if isinstance(text, str) else text
+
+
+def variant(p, compare_with: str, unstyled: tuple[str, str] | None = None):
+    """The job to compare with: negative prompt empty; the prompts before styles (`unstyled`, the job
+    layer's `Job.unstyled`; a job without styles is rerun unchanged); the `<lora:...>` tags taken out;
+    or the same job under another guidance rule."""
     mode = resolve_mode(compare_with)
     if mode == WITHOUT_NEGATIVE:
         return dataclasses.replace(p, negative_prompt="")
+    if mode == WITHOUT_STYLES:
+        if unstyled is None:
+            return dataclasses.replace(p)
+        return dataclasses.replace(p, prompt=unstyled[0], negative_prompt=unstyled[1], styles=[])
+    if mode == WITHOUT_LORA:
+        return dataclasses.replace(p, **{name: strip_lora(getattr(p, name)) for name in PROMPT_FIELDS
+                                         if hasattr(p, name)})
     return dataclasses.replace(p, guidance=mode)
 
 
@@ -68,4 +97,6 @@ def mean_difference(a: Image.Image, b: Image.Image) -> float:
 
 
 def label_for(mode: str) -> str:
-    return "without negative prompt" if mode == WITHOUT_NEGATIVE else f"guidance {mode}"
+    if mode in (WITHOUT_NEGATIVE, WITHOUT_STYLES, WITHOUT_LORA):
+        return mode[0].lower() + mode[1:]
+    return f"guidance {mode}"

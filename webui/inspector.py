@@ -168,6 +168,7 @@ class InspectedJob:
     model: Callable[[], Any]  # the model the job runs on (a getter: the checkpoint may change while it queues)
     processed: Any = None  # Processed, once the job has ended
     script: str | None = None  # the Script the job ran (X/Y/Z plot), None for a plain txt2img
+    unstyled: tuple[str, str] | None = None  # the prompts before styles (jobs.Job.unstyled), for Compare
     follow: bool = True  # the slider follows the newest step while the job runs
     last_live: float = 0.0  # when the page was last sent the running job's newest step
 

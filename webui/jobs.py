@@ -74,6 +74,10 @@ class Job:
     keep_checkpoint: bool = False  # the checkpoint stays loaded afterwards (override_settings_restore_afterwards)
     send_images: bool = True
     warnings: list[str] = field(default_factory=list)
+    # (prompt, negative prompt) as sent, before `styles` were applied; None when no style was (Compare's
+    # "Without styles" reruns the job with these)
+    unstyled: tuple[str, str] | None = None
+    styles: list[str] = field(default_factory=list)  # the style names asked for (the API's info.styles)
 
     @property
     def runs(self) -> int:
@@ -242,14 +246,18 @@ def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler",
                                  outpath_samples=str(ctx.outdir(kind)))
     p.upscaler_models_dir = getattr(ctx, "models_dir", None)
     p.allow_pickle_upscalers = bool(getattr(getattr(ctx, "args", None), "allow_pickle_checkpoints", False))
+    unstyled = (p.prompt, p.negative_prompt) if p.styles else None
+    style_names = list(p.styles)
     warnings = apply_styles(ctx, p)
+    warnings += skipped_embedding_warnings(ctx.model, [p.prompt, p.negative_prompt])
     script = make_script(request, p)
     if ctx.model is not None:
         processing.validate(p, ctx.model)
     if check_cost and hasattr(ctx, "check_cost"):  # --max-job-seconds
         ctx.check_cost(p, runs=script.runs if script is not None else 1)
     keep = request.get("override_settings_restore_afterwards", True) is False
-    return Job(kind, p, script, checkpoint, keep, send_images=send is not False, warnings=warnings)
+    return Job(kind, p, script, checkpoint, keep, send_images=send is not False, warnings=warnings,
+               unstyled=unstyled, styles=style_names)
 
 
 def request_image(value: Any, field: str):
@@ -280,7 +288,16 @@ def apply_styles(ctx, p: StableDiffusionProcessing) -> list[str]:
     db = getattr(ctx, "styles", None)
     if not p.styles or db is None:
         return []
-    return list(db.apply_to_job(p) or [])
+    # the styles files' own problems (a line that could not be read) matter to a job that uses styles
+    return [*(f"Styles file: {w}" for w in db.warnings), *(db.apply_to_job(p) or [])]
+
+
+def skipped_embedding_warnings(model, texts: list[str]) -> list[str]:
+    """A warning for each skipped embedding (wrong shape, damaged, refused) whose name the job's prompts use:
+    its name is then encoded as ordinary words, which the user should know (AUTOMATIC1111 says nothing)."""
+    from modules import textual_inversion
+
+    return textual_inversion.skipped_in_texts(model, texts) if model is not None else []
 
 
 def is_xyz(name: Any) -> bool:
@@ -330,7 +347,7 @@ def compare_jobs(job: Job, compare_with: Any) -> tuple[Job, Job]:
         raise InvalidParameter("scripts (script_name) are not supported by Compare", field="script_name")
     mode = compare.resolve_mode(compare_with)
     first = dataclasses.replace(job, p=compare.fix_seeds(job.p))
-    other_p = compare.variant(first.p, mode)
+    other_p = compare.variant(first.p, mode, unstyled=job.unstyled)
     other_p.do_not_save_samples = True
     return first, dataclasses.replace(job, p=other_p)
 
@@ -343,6 +360,7 @@ def run_job(ctx, job: Job, state: JobState | None = None, hooks: list[AfterSampl
     processed = ctx.run(job, state or JobState(), list(hooks))
     if job.warnings:
         processed.comments = "\n".join(filter(None, [processed.comments, *job.warnings]))
+    processed.styles = list(job.styles)
     if getattr(job.p, "negative_report", False) and processed.images and ctx.model is not None \
             and job.script is None:
         processed.negative_report = negative_report(ctx, job, processed.images, processed.all_negative_prompts)

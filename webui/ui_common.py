@@ -38,6 +38,8 @@ CSS = """
 .sdneg-infotext { font-family: var(--font-mono, monospace); font-size: 0.85em; white-space: pre-wrap;
   word-break: break-word; }
 .sdneg-generate { min-height: 3em; }
+.sdneg-warnings { color: var(--color-accent, #b45309); font-size: 0.9em; }
+.sdneg-warnings ul { margin: 0.2em 0 0 1.2em; padding: 0; }
 .sdneg-tool { max-width: 3em; min-width: 3em !important; }
 /* the result: every image whole, at any aspect ratio, never wider than its column */
 .sdneg-result .grid-wrap { height: auto !important; max-height: none !important; }
@@ -168,6 +170,16 @@ def infotext_html(info: str) -> str:
     if not info:
         return ""
     return '<div class="sdneg-infotext">' + html.escape(info) + "</div>"
+
+
+def warnings_html(comments: str) -> str:
+    """A job's warnings (`Processed.comments`, one a line: a missing LoRA, a skipped embedding, an unknown
+    style, a styles line that could not be read), under its infotext."""
+    lines = [line for line in (comments or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return ('<div class="sdneg-warnings"><b>Warnings</b><ul>'
+            + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul></div>")
 
 
 def current_title(ctx) -> str:

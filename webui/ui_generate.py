@@ -21,7 +21,7 @@ from modules.errors import UserError
 from modules.job_state import JobState
 from webui import inspector, jobs, previews
 from webui.ui_common import (UPDATE_INTERVAL, error_html, gallery_interval, infotext_html, job_progress_text, log,
-                             preview_label, progress_html, session_key, user_error)
+                             preview_label, progress_html, session_key, user_error, warnings_html)
 from webui.ui_inspector import InspectorHandlers
 from webui.ui_job_tab import JobTab
 
@@ -92,7 +92,8 @@ class GenerateHandler:
         collector = previews.PreviewCollector(self.model, subject, method, (p.width, p.height), batch_count=job.runs,
                                               recorder=recorder)
         inspected = inspector.InspectedJob(p, recorder, lambda: recorder.model or self.ctx.model,
-                                           script=job.script.name if job.script is not None else None)
+                                           script=job.script.name if job.script is not None else None,
+                                           unstyled=job.unstyled)
         key = session_key(request)
         state = JobState(owner=f"page:{key}")
         job_dir = self.work_root / uuid.uuid4().hex
@@ -170,10 +171,12 @@ class GenerateHandler:
             status = f"Interrupted at {reached(recorder, p.steps)} after {elapsed:.1f} s"
         else:
             status = f"Done: {len(outputs)} image(s), {p.steps} steps, {elapsed:.1f} s"
+        for line in filter(str.strip, (processed.comments or "").splitlines()):
+            gr.Warning(line)  # a LoRA left out, a skipped embedding, an unknown style: said where the user looks
         return {
             t.preview_gallery: list(items),
             t.gallery: outputs,
-            t.info: infotext_html(processed.info) + verdict_html(processed),
+            t.info: infotext_html(processed.info) + warnings_html(processed.comments) + verdict_html(processed),
             t.trajectory: gr.update(value=str(animation), visible=True) if animation else gr.update(visible=False),
             t.progress: progress_html(status, 0.0 if processed.interrupted else 1.0),
             t.last_job: {"seeds": processed.all_seeds[:len(outputs)], "infotexts": processed.infotexts,

@@ -92,7 +92,7 @@ class InspectorHandlers:
                 mode = compare.resolve_mode(mode)
                 base = dataclasses.replace(job.p, seed=processed.seed, subseed=processed.subseed,
                                            do_not_save_samples=True)
-                other_p = compare.variant(base, mode)
+                other_p = compare.variant(base, mode, unstyled=job.unstyled)
         except UserError as e:
             message = str(e)
         if message is not None:

@@ -16,6 +16,8 @@ from modules import sd_guidance, sd_samplers
 from modules.scripts import XYZ_PLOT, xyz_grid
 from webui import compare, inspector, previews, ui_hires, ui_img2img
 from webui.ui_common import preview_label, progress_html, scheduler_labels
+from webui.ui_extra_networks import build_extra_networks
+from webui.ui_styles import build_styles
 
 NEGATIVE_GUIDANCE_HELP = """\
 **CFG**: the negative prompt is the unconditional branch. **Perp-Neg**: only the part of the negative that is
@@ -62,6 +64,8 @@ def build_job_tab(ctx, kind: str) -> JobTab:
                                       elem_classes="sdneg-generate")
             c["interrupt"] = gr.Button("Interrupt", elem_id=f"{kind}_interrupt", elem_classes="sdneg-generate")
             c["estimate"] = gr.HTML("", elem_id=f"{kind}_estimate", padding=False)
+            build_styles(ctx, kind, fields, c)  # the Styles multi-select (a job field) and its buttons
+    build_extra_networks(ctx, kind, c)  # the Extra networks cards (Textual Inversion, Lora) under the prompts
 
     with gr.Row(elem_classes="sdneg-wrap"):
         with gr.Column(scale=1, elem_id=f"{kind}_settings"):
