@@ -151,6 +151,7 @@ INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "DNG offset": ("dng_offset", float),
     "DNG p min": ("dng_p_min", float),
     "DNG p max": ("dng_p_max", float),
+    "NAG follows DNG": ("nag_follows_dng", lambda v: v.strip().lower() in ("1", "true")),
     "APG eta": ("apg_eta", float),
     "APG norm threshold": ("apg_norm_threshold", float),
     "APG momentum": ("apg_momentum", float),

@@ -40,7 +40,7 @@ class NAGCall:
 
     rows: torch.Tensor  # (R,) long: the batch rows that get NAG (prompt rows whose image has a negative)
     negative: torch.Tensor  # (R, T, C): the negative prompt's token states for those rows
-    scale: float
+    scale: float | torch.Tensor  # one for all rows, or (R, 1, 1): one per row
     tau: float
     alpha: float
 
@@ -60,9 +60,11 @@ class NAGState:
             self.call = None
 
 
-def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float, alpha: float) -> torch.Tensor:
+def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float | torch.Tensor, tau: float,
+                alpha: float) -> torch.Tensor:
     """The paper's Algorithm 1 on attention outputs (..., tokens, channels): extrapolate, clip the
-    per-token L1 norm ratio at tau, blend with the positive output."""
+    per-token L1 norm ratio at tau, blend with the positive output. `scale` may be a tensor that
+    broadcasts against the outputs (one scale per row)."""
     guided = z_pos * scale - z_neg * (scale - 1)
     norm_pos = z_pos.norm(p=1, dim=-1, keepdim=True)
     norm_guided = guided.norm(p=1, dim=-1, keepdim=True)

@@ -248,6 +248,29 @@ def dng_negative_scale(p: torch.Tensor, scale: float) -> torch.Tensor:
     return scale * p / (1 - p)
 
 
+def dng_posterior_at(state: dict, x: torch.Tensor, alpha: float, step: int, s: "RuleParams") -> torch.Tensor:
+    """The posterior for this step, per image: the last step's (the prior at the first step), updated with the
+    transition to `x` the sampler just made. It needs nothing of this step's UNet call, so the denoiser can read
+    it before the call (NAG following the posterior, `nag_follows_dng`) and the rule after it, with the same result."""
+    p = state.get("dng_p")
+    if p is None:
+        p = torch.full((x.shape[0],), float(s.dng_prior), dtype=torch.float32, device=x.device)
+    record = state.get("dng_record")
+    if record is not None and step > record["step"] and alpha > record["alpha"]:
+        p = dng_posterior_update(p, x, record["x"], record["alpha"], alpha, record["eps_ref"], record["eps_neg"],
+                                 s.dng_temperature, s.dng_offset, s.dng_p_min, s.dng_p_max)
+    return p
+
+
+def dng_nag_scale(p: torch.Tensor, prior: float, nag_scale: float) -> torch.Tensor:
+    """NAG's scale per image when it follows the Dynamic negative posterior: `1 + (nag_scale - 1) * g` with
+    `g = min(1, odds(p) / odds(prior))`, the factor by which DNG's own negative scale has moved from its start,
+    capped at 1. A negative the image does not drift towards (its posterior falls) loses its attention-space
+    push too; NAG never acts harder than `nag_scale`."""
+    gate = ((p / (1 - p)) / (prior / (1 - prior))).clamp(max=1.0)
+    return 1 + (nag_scale - 1) * gate
+
+
 def dynamic_negative(base: torch.Tensor, delta_pos: torch.Tensor, scale: float, delta_neg: torch.Tensor,
                      ctx: StepContext, negative_weight: float = 1.0, **_) -> tuple[torch.Tensor, dict]:
     """Dynamic Negative Guidance: `e = e_empty + scale * d_pos - lambda_t * d_neg`, `lambda_t = w * dng_scale *
@@ -255,14 +278,9 @@ def dynamic_negative(base: torch.Tensor, delta_pos: torch.Tensor, scale: float, 
     `dng_prior` and is updated at each new step from the transition the sampler just made. A negative
     the image does not drift towards fades out; one it does is pushed away harder and harder."""
     s, state = ctx.settings.params, ctx.state
-    p = state.get("dng_p")
-    if p is None:
-        p = torch.full((base.shape[0],), float(s.dng_prior), dtype=torch.float32, device=base.device)
+    p = dng_posterior_at(state, ctx.x, ctx.alpha, ctx.step, s)
     eps_ref, eps_neg = _eps(base, ctx), _eps(base + delta_neg, ctx)
     record = state.get("dng_record")
-    if record is not None and ctx.step > record["step"] and ctx.alpha > record["alpha"]:
-        p = dng_posterior_update(p, ctx.x, record["x"], record["alpha"], ctx.alpha, record["eps_ref"],
-                                 record["eps_neg"], s.dng_temperature, s.dng_offset, s.dng_p_min, s.dng_p_max)
     if record is None or ctx.step != record["step"]:  # the first call of a step (a sampler may call twice per step)
         state["dng_record"] = {"step": ctx.step, "alpha": ctx.alpha, "x": ctx.x, "eps_ref": eps_ref, "eps_neg": eps_neg}
     state["dng_p"] = p
@@ -314,6 +332,7 @@ class RuleParams:
     dng_offset: float = 2e-4
     dng_p_min: float = 1e-6
     dng_p_max: float = 0.8
+    nag_follows_dng: bool = False  # with NAG on: NAG's scale per image follows the posterior (dng_nag_scale)
     # guidance "APG"
     apg_eta: float = 0.0
     apg_norm_threshold: float = 15.0
@@ -351,7 +370,8 @@ class GuidanceFields(RuleParams):
 
 NAG_FIELDS = ("nag_scale", "nag_tau", "nag_alpha", "nag_start", "nag_end")
 RULE_FIELDS = {
-    "Dynamic negative": ("dng_scale", "dng_prior", "dng_temperature", "dng_offset", "dng_p_min", "dng_p_max"),
+    "Dynamic negative": ("dng_scale", "dng_prior", "dng_temperature", "dng_offset", "dng_p_min", "dng_p_max",
+                         "nag_follows_dng"),
     "APG": ("apg_eta", "apg_norm_threshold", "apg_momentum"),
     "Dynamic thresholding": ("dynthres_mimic_scale", "dynthres_threshold_percentile", "dynthres_mimic_mode",
                              "dynthres_mimic_scale_min", "dynthres_cfg_mode", "dynthres_cfg_scale_min",
@@ -428,7 +448,8 @@ def infotext_params(p: GuidanceFields) -> dict:
     labels = {"nag_scale": "NAG scale", "nag_tau": "NAG tau", "nag_alpha": "NAG alpha", "nag_start": "NAG start",
               "nag_end": "NAG end", "dng_scale": "DNG scale", "dng_prior": "DNG prior",
               "dng_temperature": "DNG temperature", "dng_offset": "DNG offset", "dng_p_min": "DNG p min",
-              "dng_p_max": "DNG p max", "apg_eta": "APG eta", "apg_norm_threshold": "APG norm threshold",
+              "dng_p_max": "DNG p max", "nag_follows_dng": "NAG follows DNG", "apg_eta": "APG eta",
+              "apg_norm_threshold": "APG norm threshold",
               "apg_momentum": "APG momentum"}
     names = list(NAG_FIELDS if nag_enabled(p) else ()) + list(RULE_FIELDS.get(find_guidance_rule(p.guidance).name, ()))
     return {labels.get(name, name): f"{getattr(p, name):g}" if isinstance(getattr(p, name), (int, float))
@@ -508,6 +529,9 @@ def validate_new_fields(p) -> None:
         value = getattr(p, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
             raise InvalidParameter(f"{name} must be a number between {lo:g} and {hi:g}, got {value!r}", field=name)
+    if not isinstance(p.nag_follows_dng, bool):
+        raise InvalidParameter(f"nag_follows_dng must be true or false, got {p.nag_follows_dng!r}",
+                               field="nag_follows_dng")
     if 0 < p.nag_scale < 1:
         raise InvalidParameter(f"nag_scale must be 1 (off), 0 (off) or more than 1, got {p.nag_scale}",
                                field="nag_scale")

@@ -12,7 +12,9 @@ NGMS) and every image has a plain prompt, only the prompt rows are run.
 With NAG on (`nag_scale`), the prompt rows of each UNet call also get NAG in the cross-attention
 layers: the denoiser hands the processors installed by `sd_guidance.attention_guidance` the
 negative conditioning active at this step for each prompt row (`NAGState`); the negative / empty
-rows stay plain, and an image whose negative is empty at this step gets no NAG.
+rows stay plain, and an image whose negative is empty at this step gets no NAG. With `nag_follows_dng`
+(guidance "Dynamic negative"), NAG's scale is per image and step, from the rule's posterior for this step,
+which is known before the UNet call (`sd_guidance.dng_posterior_at`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import torch
 from modules import sd_attention_guidance
 from modules.conditioning import Schedule, active_index, stack_padded
 from modules.prompt_parser import MulticondLearnedConditioning, ScheduledPromptConditioning
-from modules.sd_guidance import GuidanceSettings, StepContext, find_guidance_rule, rescale_cfg
+from modules.sd_guidance import (GuidanceSettings, StepContext, dng_nag_scale, dng_posterior_at, find_guidance_rule,
+                                 rescale_cfg)
 from modules.sd_samplers_common import to_eps, to_x0
 
 
@@ -100,8 +103,17 @@ class CFGDenoiser:
         a, b = (cond["crossattn"], self.empty["crossattn"]) if isinstance(cond, dict) else (cond, self.empty)
         return cond is self.empty or (a.shape == b.shape and torch.equal(a, b))
 
-    def apply_model(self, x_in: torch.Tensor, timestep: float, cond, step: int, prompt_only: bool) -> torch.Tensor:
-        """One UNet call, with NAG on the prompt rows when the job asks for it."""
+    def nag_scale_at(self, x: torch.Tensor, alpha: float, step: int) -> float | torch.Tensor:
+        """NAG's scale at this step: the job's, or per image (n,) when it follows the Dynamic negative posterior."""
+        g = self.guidance
+        if not (g.params.nag_follows_dng and g.rule.name == "Dynamic negative"):
+            return g.nag.scale
+        p = dng_posterior_at(self.rule_state, x, alpha, step, g.params)
+        return dng_nag_scale(p, g.params.dng_prior, g.nag.scale)
+
+    def apply_model(self, x_in: torch.Tensor, timestep: float, cond, step: int, prompt_only: bool,
+                    nag_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """One UNet call, with NAG on the prompt rows when the job asks for it (`nag_scale`: per image or one)."""
         nag = self.nag_inputs_at(step, prompt_only)
         if nag is None:
             return self.model.apply_model(x_in, timestep, cond)
@@ -109,9 +121,12 @@ class CFGDenoiser:
         if state is None:
             raise RuntimeError("NAG is on but its attention processors are not installed: sample inside "
                                "`sd_guidance.attention_guidance(model, p)`")
+        rows = nag[0]
+        if isinstance(nag_scale, torch.Tensor):  # per image -> per guided row
+            first = 0 if prompt_only else len(self.base_schedules)
+            nag_scale = nag_scale.to(self.model.device, self.model.dtype)[self.part_image[rows - first]].view(-1, 1, 1)
         settings = self.guidance.nag
-        with state.inputs(sd_attention_guidance.NAGCall(nag[0], nag[1], settings.scale, settings.tau,
-                                                        settings.alpha)):
+        with state.inputs(sd_attention_guidance.NAGCall(rows, nag[1], nag_scale, settings.tau, settings.alpha)):
             return self.model.apply_model(x_in, timestep, cond)
 
     @torch.no_grad()
@@ -125,13 +140,16 @@ class CFGDenoiser:
         if step < self._last_step:  # a new run through the same denoiser: rules start afresh
             self.rule_state.clear()
         self._last_step = step
+        nag_scale = self.nag_scale_at(x, alpha, step) if g.nag is not None else 1.0
+        stats_nag = {"nag_scale": nag_scale} if isinstance(nag_scale, torch.Tensor) else {}
         if prompt_only:
-            out = self.apply_model(x_parts, timestep, self.conditioning_at(step, prompt_only=True), step, True)
+            out = self.apply_model(x_parts, timestep, self.conditioning_at(step, prompt_only=True), step, True,
+                                   nag_scale)
             guided = positive = out
             branches, stats = {"prompt": to_x0(out, x, alpha, prediction_type)}, {}
         else:
             x_in = torch.cat([x, x_parts, x] if self.negative_schedules else [x, x_parts])
-            out = self.apply_model(x_in, timestep, self.conditioning_at(step), step, False)
+            out = self.apply_model(x_in, timestep, self.conditioning_at(step), step, False, nag_scale)
             k = len(self.part_schedules)
             base, out_parts, out_negative = out[:n], out[n:n + k], out[n + k:]
             if self.plain_prompts:
@@ -153,6 +171,6 @@ class CFGDenoiser:
                             "negative": to_x0(base, x, alpha, prediction_type)}
             if g.cfg_rescale > 0:
                 guided = rescale_cfg(guided, positive, g.cfg_rescale)
-        stats = {**stats, "guidance": (guided - positive).flatten(1).norm(dim=1)}
+        stats = {**stats, **stats_nag, "guidance": (guided - positive).flatten(1).norm(dim=1)}
         return DenoiserOutput(guided, to_eps(guided, x, alpha, prediction_type),
                               to_x0(guided, x, alpha, prediction_type), branches, stats)

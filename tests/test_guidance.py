@@ -35,6 +35,7 @@ NEUTRAL_DYNTHRES = dict(guidance="Dynamic thresholding", dynthres_mimic_scale=7.
     dict(negative_start=0.0, negative_end=1.0), dict(s_min_uncond=0.0), dict(negative_weight=1.0),
     dict(nag_scale=1.0, nag_tau=4.0, nag_alpha=1.0), dict(nag_scale=0.0), NEUTRAL_APG, NEUTRAL_DYNTHRES,
     dict(dng_scale=20.0, dng_prior=0.5, apg_eta=1.0, dynthres_mimic_scale=3.0),  # other rules' fields: inert
+    dict(nag_follows_dng=True),  # NAG following the posterior: only with NAG on and guidance Dynamic negative
 ])
 def test_neutral_settings_equal_plain_cfg_to_the_bit(tiny_model, plain, fields):
     assert np.array_equal(pixels(run(tiny_model, **fields)), plain)

@@ -197,3 +197,41 @@ def test_nag_on_sdxl(tmp_path):
     assert np.abs(guided - plain).mean() > 0.1
     after = processors(model.unet)
     assert all(after[n] is before[n] for n in before)
+
+
+# -- NAG following the Dynamic negative posterior (nag_follows_dng) ----------------------------------
+
+DNG_NAG = dict(guidance="Dynamic negative", dng_scale=4.0, dng_prior=0.3, dng_temperature=0.5, nag_scale=3.0,
+               nag_tau=4.0, nag_alpha=0.75)
+
+
+def test_dng_nag_scale_is_the_posterior_odds_gate():
+    p = torch.tensor([0.3, 0.6, 0.1, 0.0])
+    odds = (p / (1 - p)) / (0.3 / 0.7)
+    expected = 1 + 2 * torch.minimum(odds, torch.ones(4))
+    torch.testing.assert_close(sd_guidance.dng_nag_scale(p, 0.3, 3.0), expected)
+    assert sd_guidance.dng_nag_scale(p, 0.3, 3.0)[[0, 1]].tolist() == [3.0, 3.0]  # at or above the prior: all of it
+    assert sd_guidance.dng_nag_scale(p, 0.3, 3.0)[3].item() == 1.0  # a posterior at 0: no NAG
+
+
+def test_nag_following_dng_reports_its_scale_from_the_posterior(tiny_model):
+    infos = []
+    gated = pixels(run(tiny_model, hooks=[infos.append], nag_follows_dng=True, **DNG_NAG))
+    assert len(infos) == 6
+    for info in infos:  # the scale NAG used at each step is the gate of the posterior the rule used there
+        torch.testing.assert_close(info.stats["nag_scale"],
+                                   sd_guidance.dng_nag_scale(info.stats["dng_posterior"], 0.3, 3.0))
+    assert infos[0].stats["nag_scale"].tolist() == [3.0, 3.0]  # the prior at the first step
+    assert not torch.equal(infos[-1].stats["nag_scale"], infos[0].stats["nag_scale"])
+    ungated = pixels(run(tiny_model, **DNG_NAG))
+    plain_dng = pixels(run(tiny_model, **{**DNG_NAG, "nag_scale": 1.0}))
+    assert np.abs(gated - ungated).mean() > 0.01 and np.abs(gated - plain_dng).mean() > 0.01
+
+
+def test_nag_following_a_pinned_posterior_is_plain_dng_with_nag(tiny_model):
+    """A posterior held at its prior (temperature 0, no offset) keeps the gate open at every step: NAG at
+    nag_scale, the same images as without the gate, to the bit; with NAG off the field changes nothing."""
+    pinned = dict(DNG_NAG, dng_temperature=0.0, dng_offset=0.0)
+    assert np.array_equal(pixels(run(tiny_model, nag_follows_dng=True, **pinned)), pixels(run(tiny_model, **pinned)))
+    off = dict(DNG_NAG, nag_scale=1.0)
+    assert np.array_equal(pixels(run(tiny_model, nag_follows_dng=True, **off)), pixels(run(tiny_model, **off)))

@@ -104,11 +104,20 @@ SETTINGS: dict[str, dict] = {
     "Dynamic negative + NAG": {"guidance": "Dynamic negative", "dng_prior": 0.5, "dng_temperature": 1.0,
                                "dng_offset": 0.0, "dng_scale": 6.0, "nag_scale": 3.0, "nag_tau": 4.0,
                                "nag_alpha": 0.75},
+    # issue 20's second round, tuned on seeds 1000-1011 (disjoint from the evaluation's 0-39): NAG's scale follows
+    # the Dynamic negative posterior (nag_follows_dng), so an unrelated negative, whose posterior falls at once,
+    # loses its attention-space push too; p max 0.5 (the prior) stops the posterior's spikes above its start
+    "Dynamic negative + NAG following its posterior": {
+        "guidance": "Dynamic negative", "dng_prior": 0.5, "dng_temperature": 1.0, "dng_offset": 0.0, "dng_scale": 6.0,
+        "dng_p_max": 0.5, "nag_scale": 3.0, "nag_tau": 4.0, "nag_alpha": 0.75, "nag_follows_dng": True},
+    # NAG at CFG 1 with the paper's alpha for distilled models (0.25) instead of 0.5
+    "NAG, CFG 1, alpha 0.25": {"cfg_scale": 1.0, "nag_scale": 5.0, "nag_alpha": 0.25},
     "APG": {"guidance": "APG"},
     "Dynamic thresholding, mimic 4": {"guidance": "Dynamic thresholding", "dynthres_mimic_scale": 4.0},
 }
 NEW_SETTINGS = ["NAG, CFG 1", "CFG + NAG", "Perp-Neg + NAG", "Dynamic negative", "Dynamic negative + NAG", "APG",
-                "Dynamic thresholding, mimic 4"]
+                "Dynamic thresholding, mimic 4", "Dynamic negative + NAG following its posterior",
+                "NAG, CFG 1, alpha 0.25"]
 
 
 def generate(model, prompt: str, negative: str, n_seeds: int, seed0: int = 0, steps: int = 20, cfg: float = 7.0,
