@@ -236,9 +236,10 @@ class SDModelItem(BaseModel):
     config: Optional[str] = None
 
 
-def encode_pil_to_base64(image: Image.Image, infotext: str | None) -> str:
-    """A PNG with the infotext in its `parameters` chunk, base64 (as AUTOMATIC1111's API sends it)."""
-    return base64.b64encode(images_module.png_bytes(image, infotext)).decode("ascii")
+def encode_pil_to_base64(image: Image.Image, infotext: str | None, settings=None) -> str:
+    """The image with its infotext, base64: a PNG with the `parameters` chunk, or in the job's
+    `samples_format` (its SaveSettings) as AUTOMATIC1111's API sends the images of a job."""
+    return base64.b64encode(images_module.image_bytes(image, infotext, settings)).decode("ascii")
 
 
 def _jsonable(value: Any) -> Any:
@@ -373,8 +374,8 @@ class Api:
     async def text2imgapi(self, req: BaseModel, request: Request) -> dict:
         job = await run_in_threadpool(self.job, "txt2img", req)  # parsing and checks off the event loop
         processed = await self.run(request, job)
-        images = [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)] \
-            if job.send_images else []
+        images = [encode_pil_to_base64(im, text, job.p.opts.saving)
+                  for im, text in zip(processed.images, processed.infotexts)] if job.send_images else []
         return {"images": images, "parameters": _jsonable(req.model_dump()), "info": json.dumps(processed.js())}
 
     async def text2img_compare_api(self, req: BaseModel, request: Request) -> dict:
@@ -400,8 +401,8 @@ class Api:
     async def img2imgapi(self, req: BaseModel, request: Request) -> dict:
         job = await run_in_threadpool(self.job, "img2img", req)
         processed = await self.run(request, job)
-        images = [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)] \
-            if job.send_images else []
+        images = [encode_pil_to_base64(im, text, job.p.opts.saving)
+                  for im, text in zip(processed.images, processed.infotexts)] if job.send_images else []
         parameters = _jsonable(req.model_dump())
         if not req.model_dump().get("include_init_images"):  # AUTOMATIC1111 leaves the init images out
             parameters["init_images"], parameters["mask"] = None, None
