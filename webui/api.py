@@ -493,19 +493,23 @@ class Api:
                     "current_image": None, "textinfo": "Busy with another user's job"}
         progress, eta = state.progress()
         current_image = None
-        info = state.current_step_info
-        if not skip_current_image and info is not None and getattr(info, "pred_x0", None) is not None:
-            current_image = self.preview(info.pred_x0)
+        latents = state.preview_latents  # as the job's live preview options chose (webui/jobs.py LivePreview)
+        if not skip_current_image and latents is not None:
+            method = state.preview_method
+            # the cheap projection answers on the event loop; the VAE or TAESD waits for a worker thread
+            current_image = self.preview(latents) if method == "cheap" else \
+                await run_in_threadpool(self.preview, latents, method)
         return {"progress": progress, "eta_relative": eta, "state": _state_dict(state),
                 "current_image": current_image, "textinfo": state.textinfo}
 
-    def preview(self, latents) -> str | None:
-        """The running batch's latest pred_x0 through the cheap latent->RGB projection, as one PNG grid."""
+    def preview(self, latents, method: str = "cheap") -> str | None:
+        """The running batch's latest preview latents through the live preview method
+        (the cheap latent->RGB projection, TAESD or the VAE), as one PNG grid."""
         from modules import sd_vae_approx
 
         model = self.ctx.current_model or self.ctx.model
         try:
-            rgb = sd_vae_approx.latents_to_rgb(model, latents)
+            rgb = sd_vae_approx.latents_to_rgb(model, latents, method)
             cols = int(len(rgb) ** 0.5 + 0.999999)
             # image size, but the grid at most PREVIEW_MAX_SIDE pixels wide: this runs on the event loop
             # (the cheap preview may already be at image size: the model's own preview decoder)

@@ -64,6 +64,42 @@ class ScriptRun:
     runs: int = 1  # how many runs of p it makes (previews are captioned over all of them)
 
 
+@dataclass(frozen=True)
+class LivePreview:
+    """AUTOMATIC1111's live preview options (field names are its keys): what the progress API's
+    `current_image` shows. Every `show_progress_every_n_steps` steps (-1: the last step of each
+    pass; 0 or `live_previews_enable` off: never) the hook keeps the pred_x0 of the
+    `live_preview_content` branch (Prompt, Negative prompt, or Combined: the guided one)."""
+
+    live_previews_enable: bool = True
+    show_progress_every_n_steps: int = 10
+    live_preview_content: str = "Prompt"
+    show_progress_type: str = "Approx NN"
+
+    @classmethod
+    def from_options(cls, options: dict) -> "LivePreview":
+        return cls(**{f.name: options[f.name] for f in dataclasses.fields(cls) if options.get(f.name) is not None})
+
+    @property
+    def method(self) -> str:
+        """modules/sd_vae_approx's method for `show_progress_type` (Approx NN: the cheap one, as there is no NN)."""
+        return {"Full": "full", "TAESD": "taesd"}.get(self.show_progress_type, "cheap")
+
+    def hook(self, state: JobState) -> AfterSampleHook | None:
+        every = self.show_progress_every_n_steps
+        if not self.live_previews_enable or every == 0:
+            return None
+        state.preview_method = self.method
+        branch = {"Prompt": "prompt", "Negative prompt": "negative"}.get(self.live_preview_content)
+
+        def hook(info) -> None:
+            if (every > 0 and (info.step + 1) % every == 0) or (every < 0 and info.step + 1 >= info.steps):
+                latents = info.branches.get(branch) if branch else None
+                state.preview_latents = latents if latents is not None else info.pred_x0
+
+        return hook
+
+
 @dataclass
 class Job:
     """Everything the queue needs to run one request, and what the response needs besides the images."""
@@ -75,6 +111,7 @@ class Job:
     keep_checkpoint: bool = False  # the checkpoint stays loaded afterwards (override_settings_restore_afterwards)
     send_images: bool = True
     warnings: list[str] = field(default_factory=list)
+    live_preview: LivePreview = field(default_factory=LivePreview)
 
     @property
     def runs(self) -> int:
@@ -251,7 +288,8 @@ def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler",
     if check_cost and hasattr(ctx, "check_cost"):  # --max-job-seconds
         ctx.check_cost(p, runs=script.runs if script is not None else 1)
     keep = request.get("override_settings_restore_afterwards", True) is False
-    return Job(kind, p, script, checkpoint, keep, send_images=send is not False, warnings=warnings)
+    return Job(kind, p, script, checkpoint, keep, send_images=send is not False, warnings=warnings,
+               live_preview=LivePreview.from_options(options))
 
 
 def job_options(options: dict) -> processing.JobOptions:
@@ -358,7 +396,9 @@ def run_job(ctx, job: Job, state: JobState | None = None, hooks: list[AfterSampl
 
     With `negative_report`, each image then gets the model's own verdict on how strongly it still
     shows its negative prompt (modules/negative_verdict.py), in `Processed.negative_report`."""
-    processed = ctx.run(job, state or JobState(), list(hooks))
+    state = state or JobState()
+    preview = job.live_preview.hook(state)
+    processed = ctx.run(job, state, [*hooks, *([preview] if preview else [])])
     if job.warnings:
         processed.comments = "\n".join(filter(None, [processed.comments, *job.warnings]))
     if getattr(job.p, "negative_report", False) and processed.images and ctx.model is not None \
