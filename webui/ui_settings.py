@@ -22,18 +22,26 @@ from modules.errors import UserError
 # In the top row, not in the tab (the checkpoint dropdown is webui/ui.py's own).
 QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
 
-SEARCH_JS = """(query) => {
-  const q = (query || "").toLowerCase().trim();
-  document.querySelectorAll("#tab_settings .sdneg-setting").forEach((el) => {
-    const text = (el.innerText + " " + el.id).toLowerCase();
-    el.style.display = !q || text.includes(q) ? "" : "none";
+# The search box filters in the browser: a native input listener (typing, pasting, clearing), installed
+# once when the tab mounts, hides the settings (and then the sections) whose label and id do not match.
+SEARCH_JS = """
+if (!window.sdnegSettingsSearch) {
+  window.sdnegSettingsSearch = (box) => {
+    const q = (box.value || "").toLowerCase().trim();
+    document.querySelectorAll("#tab_settings .sdneg-setting").forEach((el) => {
+      const text = (el.innerText + " " + el.id).toLowerCase();
+      el.style.display = !q || text.includes(q) ? "" : "none";
+    });
+    document.querySelectorAll("#tab_settings .sdneg-settings-section").forEach((section) => {
+      const shown = [...section.querySelectorAll(".sdneg-setting")].some((el) => el.style.display !== "none");
+      section.style.display = shown ? "" : "none";
+    });
+  };
+  document.addEventListener("input", (e) => {
+    if (e.target.closest && e.target.closest("#settings_search")) window.sdnegSettingsSearch(e.target);
   });
-  document.querySelectorAll("#tab_settings .sdneg-settings-section").forEach((section) => {
-    const shown = [...section.querySelectorAll(".sdneg-setting")].some((el) => el.style.display !== "none");
-    section.style.display = shown ? "" : "none";
-  });
-  return [];
-}"""
+}
+"""
 
 
 @dataclass
@@ -122,6 +130,7 @@ def build_settings_tab(ctx) -> SettingsTab:
         tab.search = gr.Textbox(placeholder="Search settings…", show_label=False, elem_id="settings_search",
                                 scale=3, container=False)
     tab.result = gr.HTML("", elem_id="settings_result")
+    gr.HTML("", js_on_load=SEARCH_JS, elem_id="settings_search_script", padding=False, container=False)
     category = None
     for section in options_module.sections():
         options = [o for o in section["options"] if o["key"] not in QUICKSETTINGS]
@@ -149,7 +158,6 @@ def wire_settings_tab(ctx, tab: SettingsTab) -> None:
 
     tab.submit.click(submit, list(tab.controls.values()), [tab.result, *tab.controls.values()],
                      concurrency_limit=1)
-    tab.search.input(None, tab.search, None, js=SEARCH_JS)
 
 
 def build_quicksettings(ctx) -> dict[str, gr.components.Component]:
