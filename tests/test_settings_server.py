@@ -2,7 +2,7 @@
 writes, the Settings tab in a real browser, and AUTOMATIC1111's options test across a restart.
 
 One server (API and page) serves the module; the last test stops it and starts a new process on
-the same --ui-settings-file.
+the same --ui-settings-file (API only, --nowebui: the page is not needed after it).
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from PIL import Image
 
 from tests.browser import open_page, require_browser, set_number
 from tests.server import start_server
-from tests.tiny_sd import build_tiny_sd
 
 JOB = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 3, "seed": 11, "width": 64, "height": 64,
        "sampler_name": "Euler a"}
@@ -39,12 +38,12 @@ TEN = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_model_dir):
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("settings")
-    model = build_tiny_sd(root / "Stable-diffusion" / "tiny")
+    model = tiny_model_dir
     config = {k: v for k, v in AutoencoderKL.load_config(model / "vae").items() if not k.startswith("_")}
     (root / "VAE").mkdir()
     for name, changes in (("good", {}), ("wide-16ch", {"latent_channels": 16})):
@@ -150,7 +149,7 @@ def test_ten_options_survive_a_restart(world):
     assert requests.post(url(world, "options"), json=TEN, timeout=60).status_code == 200
     assert {k: options(world)[k] for k in TEN} == TEN
     world["server"].stop()
-    world["server"] = start_server(world["model"], *world["flags"])
+    world["server"] = start_server(world["model"], *world["flags"], "--nowebui")  # API only: it starts sooner
     back = options(world)
     assert {k: back[k] for k in TEN} == TEN
     for k, v in TEN.items():
