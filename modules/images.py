@@ -9,6 +9,8 @@ import json
 import math
 import os
 import re
+import time
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -207,8 +209,34 @@ def infotext_to_fields(params: dict[str, str]) -> dict:
 
 
 def read_info_from_image(image: Image.Image) -> str | None:
-    """The infotext stored in an image, or None."""
-    return image.info.get("parameters") if hasattr(image, "info") else None
+    """The infotext stored in an image, or None: a PNG's `parameters` chunk, or the EXIF UserComment
+    AUTOMATIC1111 writes into JPEG, WebP and AVIF files."""
+    if not hasattr(image, "info"):
+        return None
+    if image.info.get("parameters"):
+        return image.info["parameters"]
+    try:
+        comment = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+    except Exception:  # a damaged EXIF block is no infotext
+        return None
+    return user_comment_text(comment) if isinstance(comment, bytes) else None
+
+
+EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
+
+
+def user_comment_bytes(text: str) -> bytes:
+    """EXIF UserComment in its UNICODE form (8-byte charset code, then UTF-16 big-endian), as piexif writes it."""
+    return b"UNICODE\0" + text.encode("utf-16-be")
+
+
+def user_comment_text(data: bytes) -> str | None:
+    code, body = data[:8], data[8:]
+    if code == b"UNICODE\0":
+        return body.decode("utf-16-be", errors="replace")
+    if code == b"ASCII\0\0\0":
+        return body.decode("ascii", errors="replace")
+    return None
 
 
 def latents_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -239,18 +267,96 @@ def png_bytes(image: Image.Image, info: str | None = None) -> bytes:
 def write_png(path: str | Path, image: Image.Image, info: str | None = None) -> Path:
     """Write `png_bytes` to `path` under a temporary name and rename it, so a failure (or a reader
     racing the write) never sees a half-written image."""
+    return write_image(path, image, info)
+
+
+@dataclass(frozen=True)
+class SaveSettings:
+    """AUTOMATIC1111's options for the files a job writes (field names are the option keys)."""
+
+    samples_format: str = "png"  # png, jpg, jpeg, webp, avif
+    save_images_add_number: bool = True  # NNNNN- before the name
+    save_images_replace_action: str = "Replace"  # without the number, an existing name: "Add number suffix"
+    jpeg_quality: int = 80  # jpeg, webp and avif
+    webp_lossless: bool = False
+    save_to_dirs: bool = True  # a subfolder per day (A1111's directories_filename_pattern "[date]")
+    enable_pnginfo: bool = True  # the infotext in the file (PNG chunk / EXIF UserComment)
+    save_txt: bool = False  # the infotext also in a .txt beside it
+
+    @classmethod
+    def from_options(cls, options) -> "SaveSettings":
+        return cls(**{f.name: options[f.name] for f in dataclass_fields(cls) if options.get(f.name) is not None})
+
+    @property
+    def extension(self) -> str:
+        return self.samples_format.lower()
+
+
+def image_bytes(image: Image.Image, info: str | None = None, settings: SaveSettings | None = None) -> bytes:
+    """The image encoded as `settings.samples_format` says, with its infotext: the PNG `parameters`
+    chunk, or for JPEG / WebP / AVIF the EXIF UserComment (AUTOMATIC1111's save_image_with_geninfo)."""
+    import io
+
+    settings = settings or SaveSettings()
+    fmt = settings.extension
+    if fmt == "png":
+        return png_bytes(image, info if settings.enable_pnginfo else None)
+    if fmt not in ("jpg", "jpeg", "webp", "avif"):
+        raise ValueError(f"unknown image format {fmt!r}")
+    kwargs: dict = {"quality": int(settings.jpeg_quality)}
+    if info and settings.enable_pnginfo:
+        exif = Image.Exif()
+        exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = user_comment_bytes(info)
+        kwargs["exif"] = exif.tobytes()
+    if fmt == "webp":
+        kwargs["lossless"] = bool(settings.webp_lossless)
+    if fmt in ("jpg", "jpeg") and image.mode != "RGB":
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(fmt, fmt.upper()), **kwargs)
+    return buf.getvalue()
+
+
+def write_image(path: str | Path, image: Image.Image, info: str | None = None,
+                settings: SaveSettings | None = None) -> Path:
+    """`image_bytes` written under a temporary name and renamed: never a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(png_bytes(image, info))
+    tmp.write_bytes(image_bytes(image, info, settings))
     os.replace(tmp, path)
     return path
 
 
-def save_image(image: Image.Image, path: str | Path, seed: int, info: str | None) -> Path:
-    """Save as `path/NNNNN-<seed>.png` with the infotext in its `parameters` chunk (AUTOMATIC1111's numbering)."""
+def save_image(image: Image.Image, path: str | Path, seed: int, info: str | None,
+               settings: SaveSettings | None = None) -> Path:
+    """Save as `path/<date>/NNNNN-<seed>.<format>` with the infotext, as AUTOMATIC1111 names its files.
+
+    `settings` (the job's saving options): no date folder without `save_to_dirs`; without
+    `save_images_add_number` the name is `<seed>.<format>`, an existing one replaced or, with
+    "Add number suffix", `<seed>_<n>`; `save_txt` writes the infotext beside it.
+    """
+    settings = settings or SaveSettings()
     path = Path(path)
+    if settings.save_to_dirs:
+        path = path / time.strftime("%Y-%m-%d")
     path.mkdir(parents=True, exist_ok=True)
-    return write_png(path / f"{next_sequence_number(path):05}-{seed}.png", image, info)
+    ext = settings.extension
+    if settings.save_images_add_number:
+        number = next_sequence_number(path)
+        target = path / f"{number:05}-{seed}.{ext}"
+        while target.exists():  # a file of another format may hold the number
+            number += 1
+            target = path / f"{number:05}-{seed}.{ext}"
+    else:
+        target = path / f"{seed}.{ext}"
+        n = 0
+        while settings.save_images_replace_action != "Replace" and target.exists():
+            target = path / f"{seed}_{n}.{ext}"
+            n += 1
+    written = write_image(target, image, info, settings)
+    if settings.save_txt and info:
+        written.with_suffix(".txt").write_text(info, encoding="utf8")
+    return written
 
 
 def image_grid(tiles: list[Image.Image], cols: int, size: tuple[int, int] | None = None,

@@ -25,6 +25,10 @@ class JobState:
     textinfo: str | None = None
     time_start: float | None = None
     current_step_info: Any = None  # the last StepInfo seen (latents stay on the model's device)
+    # the live preview (AUTOMATIC1111's current_image): latents of the subject and step the job's live
+    # preview options chose, and the method to show them with (webui/jobs.py's LivePreview)
+    preview_latents: Any = None
+    preview_method: str = "cheap"
     owner: str | None = None  # who sent the job ("api:<user>", "page:<session>"): progress shows a job to its owner
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -34,6 +38,7 @@ class JobState:
             self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
             self.sampling_step = self.sampling_steps = 0
             self.current_step_info = None  # `interrupted` stays: a job stopped while queued never starts
+            self.preview_latents = None
             self.time_start = time.time()
 
     def end(self) -> None:

@@ -119,9 +119,9 @@ _section("saving-images", "Saving images/grids", "saving", {
     "samples_format": O("png", "File format for images", choices=IMAGE_FORMATS, effect=True),
     "samples_filename_pattern": O("", "Images filename pattern"),
     "save_images_add_number": O(True, "Add number to filename when saving", effect=True),
-    "save_images_replace_action": O("Replace", "Saving the image to an existing file", choices=("Replace", "Add number suffix")),
+    "save_images_replace_action": O("Replace", "Saving the image to an existing file", choices=("Replace", "Add number suffix"), effect=True),
     "grid_save": O(True, "Always save all generated image grids"),
-    "grid_format": O("png", "File format for grids", choices=IMAGE_FORMATS),
+    "grid_format": O("png", "File format for grids", choices=IMAGE_FORMATS, effect=True),
     "grid_extended_filename": O(False, "Add extended info (seed, prompt) to filename when saving grid"),
     "grid_only_if_multiple": O(True, "Do not save grids consisting of one picture"),
     "grid_prevent_empty_spots": O(False, "Prevent empty spots in grid (when set to autodetect)"),
@@ -136,8 +136,8 @@ _section("saving-images", "Saving images/grids", "saving", {
     "save_images_before_color_correction": O(False, "Save a copy of image before applying color correction to img2img results"),
     "save_mask": O(False, "For inpainting, save a copy of the greyscale mask"),
     "save_mask_composite": O(False, "For inpainting, save a masked composite"),
-    "jpeg_quality": O(80, "Quality for saved jpeg and avif images", lo=1, hi=100),
-    "webp_lossless": O(False, "Use lossless compression for webp images"),
+    "jpeg_quality": O(80, "Quality for saved jpeg and avif images", lo=1, hi=100, effect=True),
+    "webp_lossless": O(False, "Use lossless compression for webp images", effect=True),
     "export_for_4chan": O(True, "Save copy of large images as JPG"),
     "img_downscale_threshold": O(4.0, "File size limit for the above option, MB", "number"),
     "target_side_length": O(4000, "Width/height limit for the above option, in pixels", "number"),
@@ -165,7 +165,7 @@ _section("saving-paths", "Paths for saving", "saving", {
     "outdir_init_images": O("outputs/init-images", "Directory for saving init images when using img2img"),
 })
 _section("saving-to-dirs", "Saving to a directory", "saving", {
-    "save_to_dirs": O(True, "Save images to a subdirectory"),
+    "save_to_dirs": O(True, "Save images to a subdirectory", effect=True),
     "grid_save_to_dirs": O(True, "Save grids to a subdirectory"),
     "use_save_to_dirs_for_ui": O(False, "When using \"Save\" button, save images to a subdirectory"),
     "directories_filename_pattern": O("[date]", "Directory name pattern"),
@@ -250,15 +250,15 @@ _section("sd", "Stable Diffusion", "sd", {
     "comma_padding_backtrack": O(20, "Prompt word wrap length limit", lo=0, hi=74),
     "CLIP_stop_at_last_layers": O(1, "Clip skip", lo=1, hi=12, effect=True, infotext="Clip skip"),
     "upcast_attn": O(False, "Upcast cross attention layer to float32"),
-    "randn_source": O("GPU", "Random number generator source.", choices=("GPU", "CPU", "NV"), effect=True, infotext="RNG"),
+    "randn_source": O("CPU", "Random number generator source (this project: CPU, so a seed gives the same image on any device; AUTOMATIC1111: GPU).", choices=("GPU", "CPU", "NV"), effect=True, infotext="RNG"),
     "tiling": O(False, "Tiling", infotext="Tiling"),
     "hires_fix_refiner_pass": O("second pass", "Hires fix: which pass to enable refiner for", choices=("first pass", "second pass", "both passes"), infotext="Hires refiner"),
 })
 _section("sdxl", "Stable Diffusion XL", "sd", {
     "sdxl_crop_top": O(0, "crop top coordinate", lo=0, effect=True),
     "sdxl_crop_left": O(0, "crop left coordinate", lo=0, effect=True),
-    "sdxl_refiner_low_aesthetic_score": O(2.5, "SDXL low aesthetic score", "number", effect=True),
-    "sdxl_refiner_high_aesthetic_score": O(6.0, "SDXL high aesthetic score", "number", effect=True),
+    "sdxl_refiner_low_aesthetic_score": O(2.5, "SDXL low aesthetic score", "number"),
+    "sdxl_refiner_high_aesthetic_score": O(6.0, "SDXL high aesthetic score", "number"),
     "sdxl_clip_l_skip": O(False, "Clip skip SDXL"),
 })
 _section("sd3", "Stable Diffusion 3", "sd", {
@@ -409,14 +409,14 @@ _section("ui", "User interface", "ui", {
 })
 _section("infotext", "Infotext", "ui", {
     "infotext_explanation": H("Infotext is what this software calls the text that contains generation parameters."),
-    "enable_pnginfo": O(True, "Write infotext to metadata of the generated image"),
-    "save_txt": O(False, "Create a text file with infotext next to every generated image"),
-    "add_model_name_to_info": O(True, "Add model name to infotext"),
-    "add_model_hash_to_info": O(True, "Add model hash to infotext"),
+    "enable_pnginfo": O(True, "Write infotext to metadata of the generated image", effect=True),
+    "save_txt": O(False, "Create a text file with infotext next to every generated image", effect=True),
+    "add_model_name_to_info": O(True, "Add model name to infotext", effect=True),
+    "add_model_hash_to_info": O(True, "Add model hash to infotext", effect=True),
     "add_vae_name_to_info": O(True, "Add VAE name to infotext", effect=True),
     "add_vae_hash_to_info": O(True, "Add VAE hash to infotext", effect=True),
     "add_user_name_to_info": O(False, "Add user name to infotext when authenticated"),
-    "add_version_to_infotext": O(True, "Add program version to infotext"),
+    "add_version_to_infotext": O(True, "Add program version to infotext", effect=True),
     "disable_weights_auto_swap": O(True, "Disregard checkpoint information from pasted infotext"),
     "infotext_skip_pasting": O([], "Disregard fields from pasted infotext"),
     "infotext_styles": O("Apply if any", "Infer styles from prompts of pasted infotext", choices=("Ignore", "Apply", "Discard", "Apply if any")),
@@ -577,14 +577,14 @@ def _check_unknown(key: Any, value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same(a: Any, b: Any) -> bool:
     """Equal and of the same JSON type (so True does not pass for 1, nor 1 for 1.0)."""
     if type(a) is not type(b):
         return False
     if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     return a == b
 
 
@@ -645,7 +645,7 @@ class Options(Mapping):
                 info = OPTIONS.get(key) if isinstance(key, str) else None
                 if info is not None and (info.kind == "html" or info.read_only or (is_api and info.restrict_api)):
                     continue
-                if key in self._data and _same(self._data[key], value):
+                if key in self._data and same(self._data[key], value):
                     continue
                 if info is None:
                     if key not in self._data:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +48,38 @@ LIMITS = {"steps": (1, 150), "cfg_scale": (1.0, 30.0), "batch_size": (1, 8), "n_
 MAX_IMAGE_SIDE = 2048  # the engine's limit for a hires target and an init image
 INPAINTING_FILL = ["fill", "original", "latent noise", "latent nothing"]
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """The server options a job runs with, copied in by the job layer (webui/jobs.py) when it is made.
+
+    AUTOMATIC1111 reads these from its global `opts` while a job runs; here they are a value on
+    the job, so a settings change never reaches a job already queued, and a test sets them
+    directly. The field names are AUTOMATIC1111's option keys; the defaults are its defaults.
+    """
+
+    randn_source: str = "CPU"  # CPU (the default: a seed gives the same image on any device) / GPU / NV (modules/rng.py)
+    eta_noise_seed_delta: int = 0  # ENSD: later noise draws from seed + delta
+    always_discard_next_to_last_sigma: bool = False
+    sdxl_crop_top: int = 0  # SDXL's crop-coordinates conditioning
+    sdxl_crop_left: int = 0
+    add_model_name_to_info: bool = True
+    add_model_hash_to_info: bool = True
+    add_vae_name_to_info: bool = True
+    add_vae_hash_to_info: bool = True
+    add_version_to_infotext: bool = True
+    grid_format: str = "png"
+    saving: images_module.SaveSettings = field(default_factory=images_module.SaveSettings)
+
+    @classmethod
+    def from_options(cls, options) -> "JobOptions":
+        """The job's options from a mapping of option key -> value (the server's, with override_settings)."""
+        from dataclasses import fields as dataclass_fields
+
+        values = {f.name: options[f.name] for f in dataclass_fields(cls)
+                  if f.name != "saving" and options.get(f.name) is not None}
+        return cls(**values, saving=images_module.SaveSettings.from_options(options))
 
 
 @dataclass
@@ -83,6 +113,7 @@ class StableDiffusionProcessing(sd_guidance.GuidanceFields):
     # and whether .pth upscaler pickles may be loaded (with torch.load(weights_only=True)).
     upscaler_models_dir: str | None = field(default=None, init=False, repr=False, compare=False)
     allow_pickle_upscalers: bool = field(default=False, init=False, repr=False, compare=False)
+    opts: JobOptions = field(default_factory=JobOptions)  # the server's options for this job (never a request's)
     # infotext keys a script adds (AUTOMATIC1111's p.extra_generation_params, e.g. "SD upscale overlap")
     extra_generation_params: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -370,19 +401,25 @@ def create_infotext(p: StableDiffusionProcessing, model, prompt: str, negative_p
         "CFG scale": f"{p.cfg_scale:g}",
         "Seed": seed,
         "Size": f"{p.width}x{p.height}",
-        "Model hash": model.shorthash,
-        "Model": model.name,
-        "VAE hash": getattr(model, "vae_hash", None),  # a VAE chosen by the sd_vae option (modules/sd_vae.py)
-        "VAE": getattr(model, "vae_name", None),
+        "Model hash": model.shorthash if p.opts.add_model_hash_to_info else None,
+        "Model": model.name if p.opts.add_model_name_to_info else None,
+        # a VAE chosen by the sd_vae option (modules/sd_vae.py)
+        "VAE hash": getattr(model, "vae_hash", None) if p.opts.add_vae_hash_to_info else None,
+        "VAE": getattr(model, "vae_name", None) if p.opts.add_vae_name_to_info else None,
         "Variation seed": subseed if p.subseed_strength else None,
         "Variation seed strength": p.subseed_strength or None,
         "Denoising strength": f"{p.denoising_strength:g}" if p.uses_denoising_strength else None,
         "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
         "Tiling": "True" if p.tiling else None,
         **sd_samplers.eta_infotext(p.sampler_name, p.eta),
+        "ENSD": p.opts.eta_noise_seed_delta if sd_samplers.uses_ensd(p.sampler_name, p.eta) and p.opts.eta_noise_seed_delta
+        else None,
+        "RNG": p.opts.randn_source if p.opts.randn_source != "GPU" else None,
+        "Discard penultimate sigma": "True" if p.opts.always_discard_next_to_last_sigma
+        and sd_samplers.honours_discard_option(p.sampler_name) else None,
         **guidance_infotext(p),
         **(extra if extra is not None else generation_params(p)),
-        "Version": VERSION,
+        "Version": VERSION if p.opts.add_version_to_infotext else None,
     }
     negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{images_module.format_parameters(params)}".strip()
@@ -526,7 +563,10 @@ class SamplingPass:
 def run_pass(model, p: StableDiffusionProcessing, sp: SamplingPass, encode: TextEncodingCache, rng: ImageRNG,
              noise: torch.Tensor, hooks: list[AfterSampleHook], state: JobState) -> torch.Tensor:
     """Conditioning for the pass, the CFG denoiser (wrapped for masks and image conditioning), the sampler."""
-    sampler = create_sampler(sp.sampler_name, model, scheduler=sp.scheduler, eta=p.eta)
+    discard = p.opts.always_discard_next_to_last_sigma and sd_samplers.honours_discard_option(sp.sampler_name)
+    sampler = create_sampler(sp.sampler_name, model, scheduler=sp.scheduler, eta=p.eta,
+                             **({"discard_next_to_last_sigma": True} if discard else {}),
+                             **({"philox_noise": True} if p.opts.randn_source == "NV" else {}))
     cond = get_multicond_learned_conditioning(encode, sp.prompts, sp.steps)
     uncond = negative_conditioning(model, encode, p, sp.negative_prompts, sp.steps)
     q = p
@@ -535,9 +575,12 @@ def run_pass(model, p: StableDiffusionProcessing, sp: SamplingPass, encode: Text
         q.cfg_scale, q.steps = sp.cfg_scale, sp.steps
     guidance = sd_guidance.settings_for(q)
     unet_model = model
+    crop = (p.opts.sdxl_crop_top, p.opts.sdxl_crop_left)
+    if getattr(model, "is_sdxl", False) and crop != (0, 0):
+        unet_model = CropConditionedModel(model, crop)
     if sp.image_conditioning is not None:
         part_image = torch.tensor([i for i, parts in enumerate(cond.batch) for _ in parts])
-        unet_model = masking.ImageConditionedModel(model, sp.image_conditioning, part_image)
+        unet_model = masking.ImageConditionedModel(unet_model, sp.image_conditioning, part_image)
     denoiser = CFGDenoiser(unet_model, cond, uncond, sp.cfg_scale, sp.steps, encode(""), guidance)
     if sp.mask is not None:
         denoiser = masking.MaskedDenoiser(denoiser, model, sp.init_latent, sp.mask, sp.nmask)
@@ -559,6 +602,25 @@ def run_pass(model, p: StableDiffusionProcessing, sp: SamplingPass, encode: Text
     if sp.mask is not None:  # AUTOMATIC1111: the kept area is the init latent exactly
         samples = samples * sp.nmask.to(samples.dtype) + sp.init_latent.to(samples.dtype) * sp.mask.to(samples.dtype)
     return samples
+
+
+def rng_options(p: StableDiffusionProcessing) -> dict:
+    """ImageRNG's options from the job's: the noise source and ENSD (modules/rng.py)."""
+    return {"source": p.opts.randn_source, "eta_noise_seed_delta": p.opts.eta_noise_seed_delta}
+
+
+class CropConditionedModel:
+    """The model as the CFG denoiser sees it, for SDXL with the `sdxl_crop_top` / `sdxl_crop_left`
+    options: every UNet call gets those crop coordinates in its size conditioning."""
+
+    def __init__(self, model, crop: tuple[int, int]):
+        self.model, self.crop = model, tuple(crop)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def apply_model(self, x: torch.Tensor, t, cond, image_conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.apply_model(x, t, cond, image_conditioning=image_conditioning, crop_coords=self.crop)
 
 
 def txt2img_image_conditioning(model, batch: int, latent_shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -724,7 +786,7 @@ def hires_pass(model, p: StableDiffusionProcessingTxt2Img, samples: torch.Tensor
     if p.denoising_strength <= 0:  # nothing to denoise: the upscaled latents are the result
         return samples
     rng = ImageRNG(tuple(samples.shape[1:]), seeds, subseeds, p.subseed_strength, device=model.device,
-                   dtype=model.dtype)
+                   dtype=model.dtype, **rng_options(p))
     hr_name, hr_scheduler = hires_sampler(p)
     sp = SamplingPass("hires", hr_name, hr_scheduler, p.hr_cfg if p.hr_cfg is not None else p.cfg_scale, p.hr_second_pass_steps or p.steps,
                       [p.hr_prompt or x for x in prompts], [p.hr_negative_prompt or x for x in negative_prompts],
@@ -777,7 +839,7 @@ def process_images(model, p: StableDiffusionProcessing, hooks: list[AfterSampleH
                 prompts, negative_prompts = job_networks.prompts[batch], all_negative_prompts[batch]
                 seeds, subseeds = all_seeds[batch], all_subseeds[batch]
                 rng = ImageRNG(latent_shape, seeds, subseeds, p.subseed_strength, device=model.device,
-                               dtype=model.dtype)
+                               dtype=model.dtype, **rng_options(p))
                 noise = rng.first()
                 if init is not None:
                     samples = _img2img_batch(model, p, init, prompts, negative_prompts, seeds, encode, rng, noise,
@@ -805,8 +867,8 @@ def process_images(model, p: StableDiffusionProcessing, hooks: list[AfterSampleH
                     output_images.append(image)
                     infotexts.append(text)
                     if not p.do_not_save_samples:
-                        folder = Path(p.outpath_samples) / time.strftime("%Y-%m-%d")
-                        saved.append(str(images_module.save_image(image, folder, all_seeds[index], text)))
+                        saved.append(str(images_module.save_image(image, p.outpath_samples, all_seeds[index], text,
+                                                                  p.opts.saving)))
                 state.next_batch()
     finally:
         interrupted = state.interrupted
@@ -829,7 +891,8 @@ def _img2img_batch(model, p: StableDiffusionProcessingImg2Img, init: Img2ImgInit
     """One batch of img2img: the masked area's start (latent noise / nothing), the noise multiplier, the pass."""
     init_latent = init.init_latent
     if init.mask is not None and p.inpainting_fill == 2:  # latent noise, from the batch's own seeds
-        fill_noise = ImageRNG(tuple(init_latent.shape[1:]), seeds, device=model.device, dtype=model.dtype).first()
+        fill_noise = ImageRNG(tuple(init_latent.shape[1:]), seeds, device=model.device, dtype=model.dtype,
+                              source=p.opts.randn_source).first()
         init_latent = init_latent * init.mask + fill_noise * init.nmask
     elif init.mask is not None and p.inpainting_fill == 3:  # latent nothing
         init_latent = init_latent * init.mask

@@ -186,11 +186,11 @@ class SDModel(CheckpointHash):
         return self.cond_stage.encode(text, clip_skip)
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                    image_conditioning: torch.Tensor | None = None) -> torch.Tensor:
+                    image_conditioning: torch.Tensor | None = None, crop_coords: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """One UNet call; returns the raw model output (epsilon, v or x0, as the model predicts).
 
         SDXL's `cond` is a dict: the pooled text embeds and the size conditioning (`time_ids`:
-        original size, crop top-left (0, 0), target size, all the image's own size in pixels, as
+        original size, crop top-left (`crop_coords`, the sdxl_crop_* options), target size, all the image's own size in pixels, as
         diffusers' pipeline and AUTOMATIC1111 use by default) go in as added_cond_kwargs.
         `image_conditioning` (inpainting checkpoints: [mask, masked image latents], one row per row
         of `x`) is concatenated to `x` along the channels, diffusers' `cat([x, mask, masked])`.
@@ -199,7 +199,7 @@ class SDModel(CheckpointHash):
             x = torch.cat([x, image_conditioning.to(x.device, x.dtype)], dim=1)
         if isinstance(cond, dict):
             h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=x.device, dtype=cond["vector"].dtype)
+            time_ids = torch.tensor([[h, w, *crop_coords, h, w]], device=x.device, dtype=cond["vector"].dtype)
             added = {"text_embeds": cond["vector"], "time_ids": time_ids.expand(x.shape[0], -1)}
             return self.unet(x, t, encoder_hidden_states=cond["crossattn"], added_cond_kwargs=added,
                              return_dict=False)[0]

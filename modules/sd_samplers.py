@@ -76,8 +76,10 @@ def _diffusers(name: str, cls_name: str, function: Callable | None = None, brown
     """
     recipe = SchedulerRecipe(cls_name, overrides)
 
-    def make(model, schedule: str = "uniform", discard_next_to_last_sigma: bool = False, **_) -> Sampler:
-        if schedule in DIFFUSERS_SCHEDULE_TYPES and not discard_next_to_last_sigma:
+    def make(model, schedule: str = "uniform", discard_next_to_last_sigma: bool = False, philox_noise: bool = False,
+             **_) -> Sampler:
+        # diffusers' schedulers draw noise from torch generators only: the NV source runs the k-diffusion form
+        if schedule in DIFFUSERS_SCHEDULE_TYPES and not discard_next_to_last_sigma and not (philox_noise and function):
             return DiffusersSampler(model, name, recipe, schedule)
         if function is None:
             _no_discard(name, discard_next_to_last_sigma)
@@ -88,9 +90,11 @@ def _diffusers(name: str, cls_name: str, function: Callable | None = None, brown
 
 
 def _euler_a(model, schedule: str = "uniform", eta: float | None = None, discard_next_to_last_sigma: bool = False,
-             **_) -> Sampler:
-    """diffusers' EulerAncestralDiscreteScheduler where it can (no Karras/exponential sigmas, no eta), else k-diffusion's."""
-    if schedule in ("uniform", "sgm_uniform") and eta in (None, 1.0) and not discard_next_to_last_sigma:
+             philox_noise: bool = False, **_) -> Sampler:
+    """diffusers' EulerAncestralDiscreteScheduler where it can (no Karras/exponential sigmas, no eta, torch
+    generators), else k-diffusion's."""
+    if schedule in ("uniform", "sgm_uniform") and eta in (None, 1.0) and not discard_next_to_last_sigma \
+            and not philox_noise:
         return DiffusersSampler(model, "Euler a", SchedulerRecipe("EulerAncestralDiscreteScheduler"), schedule)
     return KDiffusionSampler(model, "Euler a", sample_euler_ancestral, schedule, eta=1.0 if eta is None else eta,
                              discard_next_to_last_sigma=discard_next_to_last_sigma)
@@ -240,10 +244,35 @@ def eta_infotext(sampler_name: str, eta: float | None) -> dict:
 def create_sampler(name: str, model, scheduler: str | None = None, **options) -> Sampler:
     """Build the sampler `name` (with schedule type `scheduler`, default Automatic) for `model`.
 
-    `options`: `eta`, and `discard_next_to_last_sigma` (A1111's `always_discard_next_to_last_sigma`:
+    `options`: `eta`, `philox_noise` (the NV noise source: no diffusers scheduler, they take torch
+    generators only), and `discard_next_to_last_sigma` (A1111's `always_discard_next_to_last_sigma`:
     the schedule is made for steps + 1 and its next-to-last sigma dropped; samplers diffusers runs
     then run as their k-diffusion-style function; PLMS and UniPC refuse it).
     """
     data, sched = get_sampler_and_scheduler(name, scheduler)
     schedule = data.default_schedule if sched.name == "automatic" else sched.name
     return data.constructor(model, schedule=schedule, **options)
+
+
+# Samplers the `always_discard_next_to_last_sigma` option does not reach (as in AUTOMATIC1111, it is
+# a k-diffusion schedule option): the timestep samplers, and the two that place their own steps.
+NO_SIGMA_SCHEDULE = ("DDIM", "DDIM CFG++", "PLMS", "UniPC", "DPM fast", "DPM adaptive")
+
+
+def honours_discard_option(sampler_name: str) -> bool:
+    """Whether `always_discard_next_to_last_sigma` changes this sampler's schedule (not already discarding)."""
+    data = find_sampler_config(sampler_name)
+    return data is not None and data.name not in NO_SIGMA_SCHEDULE and \
+        not data.options.get("discard_next_to_last_sigma", False)
+
+
+def uses_ensd(sampler_name: str, eta: float | None) -> bool:
+    """Whether `eta_noise_seed_delta` changes this sampler's image: it draws noise after the first
+    (ancestral samplers, DDIM with eta > 0); AUTOMATIC1111's `is_sampler_using_eta_noise_seed_delta`,
+    which also counts DDIM."""
+    data = find_sampler_config(sampler_name)
+    if data is None:
+        return False
+    if eta is None:
+        eta = 0.0 if data.options.get("default_eta_is_0") else 1.0
+    return eta != 0 and (bool(data.options.get("uses_ensd")) or data.name in ("DDIM", "DDIM CFG++"))

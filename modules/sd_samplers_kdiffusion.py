@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from modules import rng as rng_module
 from modules import sd_schedulers
 from modules.errors import InterruptedException
 from modules.sd_samplers_common import AfterSampleHook, Sampler, StepInfo, call_hooks, img2img_steps
@@ -577,7 +578,7 @@ class KDiffusionSampler(Sampler):
                 noise_j = noise.image(j)
             else:
                 gen = rng.generators[j]
-                noise_j = lambda s, s_next, gen=gen: torch.randn(rng.shape, generator=gen)[None].to(x.device)  # noqa: E731
+                noise_j = lambda s, s_next, gen=gen: rng_module.randn(rng.shape, gen)[None].to(x.device)  # noqa: E731
             try:
                 current[j:j + 1] = self.function(model_j, x[j:j + 1], sched, noise_j, report_j, **kwargs)
             except InterruptedException:

@@ -302,3 +302,11 @@ def test_cpu_offload_gives_the_same_image(ckpts, offload):
     assert model.execution_device == torch.device("cpu")
     assert np.array_equal(pixels(txt2img(model, steps=2, prompt="a (red:1.1) circle").images[0]),
                           pixels(txt2img(ref, steps=2, prompt="a (red:1.1) circle").images[0]))
+
+
+def test_sdxl_crop_options_change_the_size_conditioning(ckpts):
+    """AUTOMATIC1111's sdxl_crop_top / sdxl_crop_left (JobOptions) go into SDXL's time_ids: the image changes."""
+    model = sd_models.load_model(ckpts["sdxl"][1], device="cpu")
+    plain = pixels(txt2img(model, steps=2).images[0])
+    crop = processing.JobOptions(sdxl_crop_top=256, sdxl_crop_left=128)
+    assert np.abs(pixels(txt2img(model, steps=2, opts=crop).images[0]) - plain).mean() > 0

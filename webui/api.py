@@ -239,9 +239,10 @@ class SDModelItem(BaseModel):
     config: Optional[str] = None
 
 
-def encode_pil_to_base64(image: Image.Image, infotext: str | None) -> str:
-    """A PNG with the infotext in its `parameters` chunk, base64 (as AUTOMATIC1111's API sends it)."""
-    return base64.b64encode(images_module.png_bytes(image, infotext)).decode("ascii")
+def encode_pil_to_base64(image: Image.Image, infotext: str | None, settings=None) -> str:
+    """The image with its infotext, base64: a PNG with the `parameters` chunk, or in the job's
+    `samples_format` (its SaveSettings) as AUTOMATIC1111's API sends the images of a job."""
+    return base64.b64encode(images_module.image_bytes(image, infotext, settings)).decode("ascii")
 
 
 def _jsonable(value: Any) -> Any:
@@ -378,8 +379,8 @@ class Api:
     async def text2imgapi(self, req: BaseModel, request: Request) -> dict:
         job = await run_in_threadpool(self.job, "txt2img", req)  # parsing and checks off the event loop
         processed = await self.run(request, job)
-        images = [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)] \
-            if job.send_images else []
+        images = [encode_pil_to_base64(im, text, job.p.opts.saving)
+                  for im, text in zip(processed.images, processed.infotexts)] if job.send_images else []
         return {"images": images, "parameters": _jsonable(req.model_dump()), "info": json.dumps(processed.js())}
 
     async def text2img_compare_api(self, req: BaseModel, request: Request) -> dict:
@@ -405,8 +406,8 @@ class Api:
     async def img2imgapi(self, req: BaseModel, request: Request) -> dict:
         job = await run_in_threadpool(self.job, "img2img", req)
         processed = await self.run(request, job)
-        images = [encode_pil_to_base64(im, text) for im, text in zip(processed.images, processed.infotexts)] \
-            if job.send_images else []
+        images = [encode_pil_to_base64(im, text, job.p.opts.saving)
+                  for im, text in zip(processed.images, processed.infotexts)] if job.send_images else []
         parameters = _jsonable(req.model_dump())
         if not req.model_dump().get("include_init_images"):  # AUTOMATIC1111 leaves the init images out
             parameters["init_images"], parameters["mask"] = None, None
@@ -497,19 +498,23 @@ class Api:
                     "current_image": None, "textinfo": "Busy with another user's job"}
         progress, eta = state.progress()
         current_image = None
-        info = state.current_step_info
-        if not skip_current_image and info is not None and getattr(info, "pred_x0", None) is not None:
-            current_image = self.preview(info.pred_x0)
+        latents = state.preview_latents  # as the job's live preview options chose (webui/jobs.py LivePreview)
+        if not skip_current_image and latents is not None:
+            method = state.preview_method
+            # the cheap projection answers on the event loop; the VAE or TAESD waits for a worker thread
+            current_image = self.preview(latents) if method == "cheap" else \
+                await run_in_threadpool(self.preview, latents, method)
         return {"progress": progress, "eta_relative": eta, "state": _state_dict(state),
                 "current_image": current_image, "textinfo": state.textinfo}
 
-    def preview(self, latents) -> str | None:
-        """The running batch's latest pred_x0 through the cheap latent->RGB projection, as one PNG grid."""
+    def preview(self, latents, method: str = "cheap") -> str | None:
+        """The running batch's latest preview latents through the live preview method
+        (the cheap latent->RGB projection, TAESD or the VAE), as one PNG grid."""
         from modules import sd_vae_approx
 
         model = self.ctx.current_model or self.ctx.model
         try:
-            rgb = sd_vae_approx.latents_to_rgb(model, latents)
+            rgb = sd_vae_approx.latents_to_rgb(model, latents, method)
             cols = int(len(rgb) ** 0.5 + 0.999999)
             # image size, but the grid at most PREVIEW_MAX_SIDE pixels wide: this runs on the event loop
             # (the cheap preview may already be at image size: the model's own preview decoder)

@@ -136,10 +136,15 @@ class WebUIContext:
         except UserError as e:
             log.warning("VAE: %s (the checkpoint's own VAE is used)", e)
 
-    def apply_vae(self, model: sd_models.SDModel) -> None:
-        sd_vae.apply_vae_setting(model, self.options.get("sd_vae"), self.vaes,
+    def apply_vae(self, model: sd_models.SDModel, setting: str | None = None, overrides_per_model: bool | None = None
+                  ) -> None:
+        """Give `model` the VAE the `sd_vae` option names (or `setting`, not yet stored)."""
+        setting = self.options.get("sd_vae") if setting is None else setting
+        if overrides_per_model is None:
+            overrides_per_model = self.options.get("sd_vae_overrides_per_model_preferences", True)
+        sd_vae.apply_vae_setting(model, setting, self.vaes,
                                  vae_path=getattr(self.args, "vae_path", None),
-                                 overrides_per_model=self.options.get("sd_vae_overrides_per_model_preferences", True),
+                                 overrides_per_model=overrides_per_model,
                                  allow_pickle=bool(getattr(self.args, "allow_pickle_checkpoints", False)))
 
     def unload_model(self) -> None:
@@ -219,23 +224,26 @@ class WebUIContext:
             if "sd_vae" in changes:
                 sd_vae.validate_setting(changes["sd_vae"], self.vaes)
             switched = info is not None and not self.is_current(info)
-            old_vae = (self.options.get("sd_vae"), self.options.get("sd_vae_overrides_per_model_preferences"))
+            vae_keys = ("sd_vae", "sd_vae_overrides_per_model_preferences")
+            old_vae = tuple(self.options.get(k) for k in vae_keys)
+            new_vae = tuple(changes.get(k, v) for k, v in zip(vae_keys, old_vae))
             if switched:
                 self._switch_model_only(Path(info.path))
-            self.options.set(changes, is_api=True)
-            vae_changed = old_vae != (self.options.get("sd_vae"),
-                                      self.options.get("sd_vae_overrides_per_model_preferences"))
-            if (switched or vae_changed) and self.model is not None:
-                try:
-                    self.apply_vae(self.model)
+            if (switched or new_vae != old_vae) and self.model is not None:
+                try:  # before anything is stored: a VAE that does not fit changes no option (the old VAE serves)
+                    self.apply_vae(self.model, *new_vae)
                 except UserError:
-                    if vae_changed:  # the old VAE keeps serving, and the option says so
-                        self.options.set({"sd_vae": old_vae[0]}, is_api=True)
+                    if switched:
+                        self._record_checkpoint()
                     raise
-            if self.checkpoint is not None:
-                self.options.record("sd_model_checkpoint", self.checkpoint.title)
-                self.options.record("sd_checkpoint_hash", self.checkpoint.sha256)
+            self.options.set(changes, is_api=True)
+            self._record_checkpoint()
             self.save_options()
+
+    def _record_checkpoint(self) -> None:
+        if self.checkpoint is not None:
+            self.options.record("sd_model_checkpoint", self.checkpoint.title)
+            self.options.record("sd_checkpoint_hash", self.checkpoint.sha256)
 
     def _switch_model_only(self, path: Path) -> None:
         model = sd_models.switch_model(self.model, path, **self.load_kwargs())

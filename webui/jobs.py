@@ -33,7 +33,7 @@ MAX_IMAGE_SIDE = 2048  # init images and masks: no side larger (decompression bo
 PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
 
 # Processing fields a request may not set: where files are written is the server's business.
-NOT_FROM_REQUEST = {"outpath_samples", "do_not_save_samples"}
+NOT_FROM_REQUEST = {"outpath_samples", "do_not_save_samples", "opts"}  # opts: the server's options (JobOptions)
 
 # AUTOMATIC1111's request fields for features this engine does not have. Each is accepted
 # while its value means "off"; anything else is a 422 naming the feature. A field that the
@@ -49,7 +49,8 @@ UNIMPLEMENTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 # Options that fill a processing field the request left out (AUTOMATIC1111 reads them from `opts`).
-FIELDS_FROM_OPTIONS = {"clip_skip": "CLIP_stop_at_last_layers", "s_min_uncond": "s_min_uncond"}
+FIELDS_FROM_OPTIONS = {"clip_skip": "CLIP_stop_at_last_layers", "s_min_uncond": "s_min_uncond",
+                       "img2img_fix_steps": "img2img_fix_steps"}
 # A sampler's `eta` when the request leaves it out: the option for its kind of sampler.
 ETA_OPTIONS = {"Eta DDIM": ("eta_ddim", 0.0), "Eta": ("eta_ancestral", 1.0)}
 
@@ -61,6 +62,42 @@ class ScriptRun:
     name: str
     run: Callable[..., Processed]  # (model, p, hooks=, state=) -> Processed
     runs: int = 1  # how many runs of p it makes (previews are captioned over all of them)
+
+
+@dataclass(frozen=True)
+class LivePreview:
+    """AUTOMATIC1111's live preview options (field names are its keys): what the progress API's
+    `current_image` shows. Every `show_progress_every_n_steps` steps (-1: the last step of each
+    pass; 0 or `live_previews_enable` off: never) the hook keeps the pred_x0 of the
+    `live_preview_content` branch (Prompt, Negative prompt, or Combined: the guided one)."""
+
+    live_previews_enable: bool = True
+    show_progress_every_n_steps: int = 10
+    live_preview_content: str = "Prompt"
+    show_progress_type: str = "Approx NN"
+
+    @classmethod
+    def from_options(cls, options: dict) -> "LivePreview":
+        return cls(**{f.name: options[f.name] for f in dataclasses.fields(cls) if options.get(f.name) is not None})
+
+    @property
+    def method(self) -> str:
+        """modules/sd_vae_approx's method for `show_progress_type` (Approx NN: the cheap one, as there is no NN)."""
+        return {"Full": "full", "TAESD": "taesd"}.get(self.show_progress_type, "cheap")
+
+    def hook(self, state: JobState) -> AfterSampleHook | None:
+        every = self.show_progress_every_n_steps
+        if not self.live_previews_enable or every == 0:
+            return None
+        state.preview_method = self.method
+        branch = {"Prompt": "prompt", "Negative prompt": "negative"}.get(self.live_preview_content)
+
+        def hook(info) -> None:
+            if (every > 0 and (info.step + 1) % every == 0) or (every < 0 and info.step + 1 >= info.steps):
+                latents = info.branches.get(branch) if branch else None
+                state.preview_latents = latents if latents is not None else info.pred_x0
+
+        return hook
 
 
 @dataclass
@@ -78,6 +115,7 @@ class Job:
     # "Without styles" reruns the job with these)
     unstyled: tuple[str, str] | None = None
     styles: list[str] = field(default_factory=list)  # the style names asked for (the API's info.styles)
+    live_preview: LivePreview = field(default_factory=LivePreview)
 
     @property
     def runs(self) -> int:
@@ -243,21 +281,36 @@ def make_job(kind: str, request: dict, ctx, default_sampler_name: str = "Euler",
         raise InvalidParameter("save_images must be true or false", field="save_images")
     send = request.get("send_images", True)
     p = PROCESSING_CLASSES[kind](**values, do_not_save_samples=not save,
-                                 outpath_samples=str(ctx.outdir(kind)))
+                                 outpath_samples=str(ctx.outdir(kind)),
+                                 opts=job_options(options))
     p.upscaler_models_dir = getattr(ctx, "models_dir", None)
     p.allow_pickle_upscalers = bool(getattr(getattr(ctx, "args", None), "allow_pickle_checkpoints", False))
     unstyled = (p.prompt, p.negative_prompt) if p.styles else None
     style_names = list(p.styles)
     warnings = apply_styles(ctx, p)
     warnings += skipped_embedding_warnings(ctx.model, [p.prompt, p.negative_prompt])
-    script = make_script(request, p)
+    script = make_script(request, p, ctx.options)  # the server's: where files go is not a request's business
     if ctx.model is not None:
         processing.validate(p, ctx.model)
     if check_cost and hasattr(ctx, "check_cost"):  # --max-job-seconds
         ctx.check_cost(p, runs=script.runs if script is not None else 1)
     keep = request.get("override_settings_restore_afterwards", True) is False
     return Job(kind, p, script, checkpoint, keep, send_images=send is not False, warnings=warnings,
-               unstyled=unstyled, styles=style_names)
+               unstyled=unstyled, styles=style_names, live_preview=LivePreview.from_options(options))
+
+
+def job_options(options: dict) -> processing.JobOptions:
+    """The options the engine reads while the job runs (noise source, ENSD, saving, infotext keys), checked
+    as the options API checks them (an override_settings value of the wrong kind is a 422 naming it)."""
+    from modules import options as options_module
+
+    checked = {}
+    for f in dataclasses.fields(processing.JobOptions):
+        keys = [x.name for x in dataclasses.fields(images_module.SaveSettings)] if f.name == "saving" else [f.name]
+        for key in keys:
+            if key in options and key in options_module.OPTIONS:
+                checked[key] = options_module.check_value(key, options[key])
+    return processing.JobOptions.from_options(checked)
 
 
 def request_image(value: Any, field: str):
@@ -305,7 +358,7 @@ def is_xyz(name: Any) -> bool:
     return isinstance(name, str) and name.strip().lower() == XYZ_PLOT.lower()
 
 
-def make_script(request: dict, p: StableDiffusionProcessing) -> ScriptRun | None:
+def make_script(request: dict, p: StableDiffusionProcessing, server_options: dict | None = None) -> ScriptRun | None:
     """`script_name` + `script_args` -> the script run (its arguments checked now), or None for a plain job."""
     name = request.get("script_name")
     if name in (None, "", "None"):
@@ -333,8 +386,10 @@ def make_script(request: dict, p: StableDiffusionProcessing) -> ScriptRun | None
     xs, ys, zs = xyz_grid.resolve_axes(args)
     save_grid = not p.do_not_save_samples and not request.get("do_not_save_grid")
 
+    grids = outdir_grids(server_options, p)
+
     def run(model, job, hooks=(), state=None):
-        return xyz_grid.run_xyz(model, job, args, hooks, state, save_grid=save_grid)
+        return xyz_grid.run_xyz(model, job, args, hooks, state, save_grid=save_grid, outpath_grids=grids)
 
     return ScriptRun(XYZ_PLOT, run, len(xs.values) * len(ys.values) * len(zs.values))
 
@@ -357,7 +412,9 @@ def run_job(ctx, job: Job, state: JobState | None = None, hooks: list[AfterSampl
 
     With `negative_report`, each image then gets the model's own verdict on how strongly it still
     shows its negative prompt (modules/negative_verdict.py), in `Processed.negative_report`."""
-    processed = ctx.run(job, state or JobState(), list(hooks))
+    state = state or JobState()
+    preview = job.live_preview.hook(state)
+    processed = ctx.run(job, state, [*hooks, *([preview] if preview else [])])
     if job.warnings:
         processed.comments = "\n".join(filter(None, [processed.comments, *job.warnings]))
     processed.styles = list(job.styles)
@@ -527,9 +584,28 @@ def page_image(value: Any, field: str):
 
 
 def outdir(args, options: dict, kind: str) -> Path:
-    """Where a job kind's images go: the `outdir_<kind>_samples` option, else --outdir-samples (txt2img)."""
-    folder = options.get(f"outdir_{kind}_samples") or options.get("outdir_samples")
+    """Where a job kind's images go, as AUTOMATIC1111: the `outdir_samples` option (all kinds), else
+    `outdir_<kind>_samples`; an img2img folder left at its default sits beside --outdir-samples."""
+    from modules import options as options_module
+
+    key = f"outdir_{kind}_samples"
+    at_default = kind != "txt2img" and options.get(key) == options_module.OPTIONS[key].default
+    folder = options.get("outdir_samples") or (None if at_default else options.get(key))
     if folder:
         return Path(folder)
     default = Path(getattr(args, "outdir_samples", "outputs/txt2img-images"))
     return default if kind == "txt2img" else default.parent / f"{kind}-images"
+
+
+def outdir_grids(options: dict | None, p: StableDiffusionProcessing) -> Path | None:
+    """Where a job's grids go: the `outdir_grids` option, else `outdir_<kind>_grids` when set to other
+    than its default; else None: beside the images folder (xyz_grid's default, so a server started
+    with --outdir-samples keeps its grids there too)."""
+    from modules import options as options_module
+
+    options = options or {}
+    kind = "img2img" if isinstance(p, StableDiffusionProcessingImg2Img) else "txt2img"
+    key = f"outdir_{kind}_grids"
+    folder = options.get("outdir_grids") or (options.get(key) if options.get(key) != options_module.OPTIONS[key].default
+                                             else None)
+    return Path(folder) if folder else None

@@ -21,6 +21,7 @@ from webui.ui_generate import page_job, wire_job_tab  # noqa: F401  (page_job: t
 from webui.ui_img2img import wire_result_buttons
 from webui.ui_job_tab import build_job_tab
 from webui.ui_pnginfo import build_pnginfo_tab
+from webui import ui_settings
 
 JOB_TABS = ("txt2img", "img2img")
 
@@ -40,6 +41,7 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
                                      label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
                                      scale=4)
             refresh = gr.Button("↻", elem_id="refresh_sd_model_checkpoint", elem_classes="sdneg-tool", scale=0)
+            quicksettings = ui_settings.build_quicksettings(ctx)  # the VAE and Clip skip, as A1111's quicksettings
         job_tabs = {}
         with gr.Tabs(elem_id="tabs") as tabs:
             for kind in JOB_TABS:
@@ -52,6 +54,10 @@ def create_ui(ctx: WebUIContext) -> gr.Blocks:
 
                 with gr.Tab("Workers", id="workers", elem_id="tab_workers"):
                     build_workers_tab(ctx)
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                settings_tab = ui_settings.build_settings_tab(ctx)
+        ui_settings.wire_settings_tab(ctx, settings_tab)
+        ui_settings.wire_quicksettings(ctx, quicksettings)
         for tab in job_tabs.values():
             wire_job_tab(ctx, tab, sessions, inspections, work_root)
         wire_result_buttons(tabs, job_tabs)  # "Send to img2img" / "Send to inpaint" under the results

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image
@@ -133,8 +131,7 @@ def run_sd_upscale(model, p: StableDiffusionProcessingImg2Img, args: Any, hooks=
         text = first.infotexts[0] if first is not None and first.infotexts else ""
         infotexts.append(text)
         if not p.do_not_save_samples:
-            folder = Path(p.outpath_samples) / time.strftime("%Y-%m-%d")
-            saved.append(str(images_module.save_image(combined, folder, seed, text)))
+            saved.append(str(images_module.save_image(combined, p.outpath_samples, seed, text, p.opts.saving)))
         if interrupted:
             break
     state.textinfo = None

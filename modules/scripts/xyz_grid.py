@@ -27,7 +27,6 @@ import dataclasses
 import math
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from io import StringIO
@@ -614,9 +613,10 @@ def run_xyz(model, p: StableDiffusionProcessingTxt2Img, args: XYZArgs | dict,
     grid_infos = [grid_info] * len(grids)
     grid_paths = []
     if save_grid if save_grid is not None else not p.do_not_save_samples:
-        folder = Path(outpath_grids or outpath_grids_for(p)) / time.strftime("%Y-%m-%d")
+        folder = Path(outpath_grids or outpath_grids_for(p))
+        settings = dataclasses.replace(p.opts.saving, samples_format=p.opts.grid_format)
         for g, text in zip(grids, grid_infos):
-            grid_paths.append(str(images_module.save_image(g, folder, base.seed, text)))
+            grid_paths.append(str(images_module.save_image(g, folder, base.seed, text, settings)))
 
     # Every list runs parallel to `images`: a grid counts as the base job (so code that pairs
     # images[i] with all_seeds[i], like the UI's seed reuse, keeps working).
