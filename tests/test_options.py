@@ -26,7 +26,7 @@ TEN = {
     "img_downscale_threshold": 2,  # number: an int stays an int
     "sdxl_refiner_high_aesthetic_score": 7.5,  # number
     "outdir_samples": "/tmp/outputs",  # text
-    "randn_source": "CPU",
+    "randn_source": "NV",
     "eta_noise_seed_delta": 31337,
 }
 
@@ -41,7 +41,7 @@ def test_keys_and_defaults_are_automatic1111s():
     expected = {
         "send_seed": True, "samples_save": True, "samples_format": "png", "CLIP_stop_at_last_layers": 1,
         "eta_noise_seed_delta": 0, "sd_vae": "Automatic", "img2img_fix_steps": False, "eta_ddim": 0.0,
-        "eta_ancestral": 1.0, "s_min_uncond": 0.0, "randn_source": "GPU", "show_progress_every_n_steps": 10,
+        "eta_ancestral": 1.0, "s_min_uncond": 0.0, "randn_source": "CPU", "show_progress_every_n_steps": 10,
         "live_preview_content": "Prompt", "live_previews_enable": True, "show_progress_type": "Approx NN",
         "sd_model_checkpoint": None, "sd_checkpoint_hash": "", "sd_checkpoints_limit": 1, "sd_checkpoint_cache": 0,
         "quicksettings_list": ["sd_model_checkpoint"], "outdir_txt2img_samples": "outputs/txt2img-images",
