@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-half", action="store_true", help="float32 weights on the GPU (default: fp16)")
     p.add_argument("--no-half-vae", action="store_true", help="float32 VAE even when the rest is fp16")
     p.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast",
-                   help="full = float32 everywhere, as --no-half; autocast (default): fp16 on the GPU, and on a "
-                        "CPU with bfloat16 instructions a bfloat16 UNet and text encoder (modules/sd_precision.py)")
+                   help="full = float32 everywhere, as --no-half (wins over the bf16 flags); autocast (default): fp16 on "
+                        "the GPU, float32 on the CPU")
     # speed (modules/sd_precision.py): Forge's per-component dtype flags, AUTOMATIC1111's --opt-channelslast
     p.add_argument("--unet-in-bf16", action="store_true", help="bfloat16 UNet (the sampler stays float32)")
     p.add_argument("--clip-in-bf16", action="store_true", help="bfloat16 text encoder")
