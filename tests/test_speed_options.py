@@ -99,7 +99,6 @@ def test_checkpoint_cache_hit_copies_without_reading(tmp_path):
         next(second.unet.parameters()).add_(1.0)  # a change to the served model never reaches the cache
     third = sd_models.load_model(file, cache=cache)
     assert sd_checkpoint_cache.state_dict_equal(first.unet, third.unet)
-    assert images(first)[0].tolist() == images(third)[0].tolist()
     # other dtypes are another entry; size 1 keeps only the newest
     sd_models.load_model(file, cache=cache, precision=BF16)
     assert cache.misses == 2 and len(cache) == 2
