@@ -8,8 +8,7 @@
    then where this engine's time goes (read, key conversion + module build, dtype cast).
 2. A switch back and forth between the file and the embedded model with a CheckpointCache of `--cache`
    entries (AUTOMATIC1111's sd_checkpoint_cache): the first visit of each reads its files, a switch
-   back copies the cached weights. Loaded with the CPU's default precision (bfloat16 UNet and text
-   encoder where the CPU has bfloat16: half the RAM per cached copy).
+   back copies the cached weights. Loaded with --unet-in-bf16 --clip-in-bf16 (half the RAM per cached copy).
 The file is read from the OS page cache after the first run (both loaders alike).
 """
 from __future__ import annotations
@@ -90,7 +89,7 @@ def main() -> None:
         print(f"  {what:42s} {t:6.2f} s")
     gc.collect()
 
-    kwargs = sd_models.load_kwargs_from_args(cmd_args.parse_args([]))
+    kwargs = sd_models.load_kwargs_from_args(cmd_args.parse_args(["--unet-in-bf16", "--clip-in-bf16"]))
     cache = sd_checkpoint_cache.CheckpointCache().configure(options.Options({"sd_checkpoint_cache": args.cache}))
     kwargs["cache"] = cache
     print(f"switching with sd_checkpoint_cache={cache.size} ({kwargs['precision'].describe()}):")

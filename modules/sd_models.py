@@ -682,7 +682,9 @@ def load_kwargs_from_args(args) -> dict:
         kw["offload"] = "medvram"
     from modules import sd_precision
 
-    kw["precision"] = sd_precision.options_from_args(args, kw["device"])
+    precision = sd_precision.options_from_args(args, kw["device"])
+    if precision != sd_precision.PrecisionOptions():  # only what the flags change from load_model's defaults
+        kw["precision"] = precision
     if getattr(args, "embeddings_dir", None):
         kw["embeddings_dir"] = args.embeddings_dir
     if getattr(args, "lora_dir", None):

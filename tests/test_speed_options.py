@@ -64,7 +64,8 @@ def test_flags_to_precision_options():
     default = sd_precision.options_from_args(parse([]), "cpu")
     expected = torch.bfloat16 if sd_precision.CPU_BF16_DEFAULT and sd_precision.cpu_supports_bf16() else None
     assert (default.unet_dtype, default.text_dtype, default.vae_dtype) == (expected, expected, None)
-    assert sd_models.load_kwargs_from_args(parse([]))["precision"] == default
+    assert sd_models.load_kwargs_from_args(parse([])).get("precision", sd_precision.PrecisionOptions()) == default
+    assert sd_models.load_kwargs_from_args(parse(["--unet-in-bf16"]))["precision"].unet_dtype == torch.bfloat16
 
 
 def test_compiled_unet_is_reused_across_jobs(folder, reference):
