@@ -387,9 +387,10 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     arch, unet, vae, encoders, tokenizers, scheduler_config, latent_rgb, source = parts
     if vae_dtype is None:
         vae_dtype = torch.float32 if (arch == "sdxl" and dtype == torch.float16) else dtype
-    for module in (unet, vae, *encoders):
+    for module in (unet, vae, *encoders):  # one cast per module, straight to its final dtype
         module.eval().requires_grad_(False)
-        wanted = vae_dtype if module is vae else dtype
+        wanted = ((precision.unet_dtype or dtype) if module is unet else (precision.vae_dtype or vae_dtype)
+                  if module is vae else (precision.text_dtype or dtype))
         if module.dtype != wanted:
             module.to(dtype=wanted)
     sd_precision.cast_modules(unet, vae, encoders, precision)
