@@ -48,7 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-half", action="store_true", help="float32 weights on the GPU (default: fp16)")
     p.add_argument("--no-half-vae", action="store_true", help="float32 VAE even when the rest is fp16")
     p.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast",
-                   help="full = float32 everywhere, as --no-half")
+                   help="full = float32 everywhere, as --no-half (wins over the bf16 flags); autocast (default): fp16 on "
+                        "the GPU, float32 on the CPU")
+    # speed (modules/sd_precision.py): Forge's per-component dtype flags, AUTOMATIC1111's --opt-channelslast
+    p.add_argument("--unet-in-bf16", action="store_true", help="bfloat16 UNet (the sampler stays float32)")
+    p.add_argument("--clip-in-bf16", action="store_true", help="bfloat16 text encoder")
+    p.add_argument("--vae-in-bf16", action="store_true", help="bfloat16 VAE")
+    p.add_argument("--opt-channelslast", action="store_true", help="channels-last memory format for the UNet and VAE")
+    p.add_argument("--attention", choices=["sdpa", "classic"], default="sdpa",
+                   help="attention kernel: sdpa (torch's scaled_dot_product_attention, default) or classic")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (compiled once per image shape, reused by later jobs; needs a C++ "
+                        "compiler on the CPU)")
     # embeddings, styles, LoRA (modules/textual_inversion.py, modules/styles.py, modules/extra_networks_lora.py)
     p.add_argument("--embeddings-dir", type=Path, default=REPO / "embeddings",
                    help="textual-inversion embeddings folder (subfolders too; default: embeddings/)")

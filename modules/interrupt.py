@@ -77,7 +77,7 @@ def interrupt_points(unet: torch.nn.Module) -> list[torch.nn.Module]:
 
 @contextmanager
 def interruptible(unet: torch.nn.Module, should_stop: Callable[[], bool],
-                  max_ahead: int = 2) -> Iterator[list[torch.nn.Module]]:
+                  max_ahead: int = 2, enabled: bool = True) -> Iterator[list[torch.nn.Module]]:
     """While the `with` lasts, every sub-block of `unet` raises InterruptedException once `should_stop()` is true.
 
     `should_stop` is called before each sub-block runs, from the thread that runs the UNet,
@@ -85,7 +85,12 @@ def interruptible(unet: torch.nn.Module, should_stop: Callable[[], bool],
     Yields the list of modules that carry a check. Every hook is removed on exit, whatever
     the exit; nesting two `interruptible` on one UNet works (each removes only its own).
     On CUDA, `max_ahead` bounds how many sub-blocks the host may queue ahead of the GPU.
+    `enabled=False` (a torch.compile'd UNet, whose graph a per-job hook would recompile) puts no hooks:
+    the job then stops between steps only.
     """
+    if not enabled:
+        yield []
+        return
 
     points = interrupt_points(unet)
     # On CUDA the Python thread only queues kernels and can run a whole forward ahead of the

@@ -590,7 +590,8 @@ def run_pass(model, p: StableDiffusionProcessing, sp: SamplingPass, encode: Text
     try:
         # Interrupt and skip are checked before every UNet sub-block too, so a step of minutes stops in seconds
         with sd_guidance.attention_guidance(model, q), \
-                interrupt.interruptible(model.unet, lambda: state.interrupted or state.skipped):
+                interrupt.interruptible(model.unet, lambda: state.interrupted or state.skipped,
+                                        enabled=getattr(model, "compiled_unet", None) is None):
             if sp.init_latent is None:
                 samples = sampler.sample(denoiser, noise, sp.steps, rng, hooks)
             else:
@@ -883,7 +884,14 @@ def process_images(model, p: StableDiffusionProcessing, hooks: list[AfterSampleH
         job_timestamp=state.job_timestamp, interrupted=interrupted, saved_paths=saved,
         denoising_strength=p.denoising_strength if p.uses_denoising_strength else None,
         is_using_inpainting_conditioning=bool(model.is_inpainting), extra_generation_params=extra,
-        comments=job_networks.comments if job_networks is not None else "")
+        comments="\n".join(filter(None, [job_networks.comments if job_networks is not None else "",
+                                          compile_report(model)])))
+
+
+def compile_report(model) -> str:
+    """With --compile: the time the UNet took to compile for this job's shapes (once; "" when reused)."""
+    compiled = getattr(model, "compiled_unet", None)
+    return compiled.take_report() if compiled is not None else ""
 
 
 def _img2img_batch(model, p: StableDiffusionProcessingImg2Img, init: Img2ImgInit, prompts, negative_prompts,

@@ -96,6 +96,11 @@ class SDModel(CheckpointHash):
     allow_pickle: bool = False  # loaded with --allow-pickle-checkpoints: pickled side files (TAESD .pth) may load too
     vae_info: object = field(default=None, repr=False)  # sd_vae.VaeInfo swapped in by swap_vae; None: the checkpoint's own
     base_vae: dict | None = field(default=None, repr=False)  # the checkpoint's own VAE weights (CPU) while another serves
+    # sd_precision: the sampler's dtype when the UNet computes in another (a bfloat16 UNet on the CPU samples in
+    # float32), and the torch.compile'd UNet that apply_model calls instead of the module (--compile)
+    sample_dtype: torch.dtype | None = None
+    compiled_unet: object = field(default=None, repr=False)
+    precision: object = field(default=None, repr=False)  # the sd_precision.PrecisionOptions it was loaded with
 
     # From the first weight: diffusers' ModelMixin.device / .dtype walk every submodule looking for
     # group-offload and layerwise-casting hooks (~2 ms a call; the loop asks often), which this project never sets.
@@ -105,7 +110,8 @@ class SDModel(CheckpointHash):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        """The dtype of latents, noise and conditioning (the sampler's); the UNet's own unless sample_dtype."""
+        return self.sample_dtype or next(self.unet.parameters()).dtype
 
     @property
     def vae_device_dtype(self) -> tuple[torch.device, torch.dtype]:
@@ -201,9 +207,9 @@ class SDModel(CheckpointHash):
             h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
             time_ids = torch.tensor([[h, w, *crop_coords, h, w]], device=x.device, dtype=cond["vector"].dtype)
             added = {"text_embeds": cond["vector"], "time_ids": time_ids.expand(x.shape[0], -1)}
-            return self.unet(x, t, encoder_hidden_states=cond["crossattn"], added_cond_kwargs=added,
-                             return_dict=False)[0]
-        return self.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+            return (self.compiled_unet or self.unet)(x, t, encoder_hidden_states=cond["crossattn"],
+                                                     added_cond_kwargs=added, return_dict=False)[0]
+        return (self.compiled_unet or self.unet)(x, t, encoder_hidden_states=cond, return_dict=False)[0]
 
     @torch.no_grad()
     def encode_first_stage(self, images: torch.Tensor) -> torch.Tensor:
@@ -330,7 +336,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, clip_skip: int = 1, *, allow_pickle: bool = False,
                offload: str | None = None, vae_dtype: torch.dtype | None = None,
                hash_cache: HashCache | None = None, embeddings_dir: str | Path | None = None,
-               lora_dir: str | Path | None = None) -> SDModel:
+               lora_dir: str | Path | None = None, precision=None, cache=None) -> SDModel:
     """Load a diffusers folder or a single-file checkpoint from disk, never from a hub.
 
     On CUDA the weights are fp16 unless `dtype` says otherwise (`--no-half`, `--precision full`:
@@ -342,6 +348,10 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     `embeddings_dir` (`--embeddings-dir`): the textual-inversion embeddings that fit this model are
     loaded into `model.embedding_db` (a switch loads them again for the new model's encoders).
     `lora_dir` (`--lora-dir`, default models/Lora): where the prompt's `<lora:name:w>` tags find their files.
+    `precision` (sd_precision.PrecisionOptions: bfloat16 UNet / text encoder / VAE, channels-last, attention,
+    torch.compile) is applied on top of `dtype`; a bfloat16 UNet samples in `dtype` (float32).
+    `cache` (sd_checkpoint_cache.CheckpointCache): the weights of a checkpoint it holds are copied from RAM
+    instead of read from disk, and what is read is offered to it.
     Raises ModelNotFound / ModelLoadError with a message a user can act on.
     """
     path = Path(path)
@@ -352,7 +362,15 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     dtype = dtype or (default_dtype if device.type == "cuda" else torch.float32)
     if offload not in (None, "", "none", "medvram", "lowvram"):
         raise ValueError(f"unknown offload mode {offload!r}")
-    if path.is_dir():
+    from modules import sd_checkpoint_cache, sd_precision
+
+    precision = precision or sd_precision.PrecisionOptions()
+    cache_key = sd_checkpoint_cache.key_for(path, dtype, vae_dtype, precision)
+    parts = cache.get(cache_key) if cache is not None else None
+    cached = parts is not None  # a copy of the weights of an earlier load, already in these dtypes
+    if cached:
+        pass
+    elif path.is_dir():
         parts = _load_folder(path, dtype)
     elif path.suffix.lower() in SAFETENSORS_SUFFIXES:
         parts = _load_single_file(path, _read_safetensors(path))
@@ -369,11 +387,15 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     arch, unet, vae, encoders, tokenizers, scheduler_config, latent_rgb, source = parts
     if vae_dtype is None:
         vae_dtype = torch.float32 if (arch == "sdxl" and dtype == torch.float16) else dtype
-    for module in (unet, vae, *encoders):
+    for module in (unet, vae, *encoders):  # one cast per module, straight to its final dtype
         module.eval().requires_grad_(False)
-        wanted = vae_dtype if module is vae else dtype
+        wanted = ((precision.unet_dtype or dtype) if module is unet else (precision.vae_dtype or vae_dtype)
+                  if module is vae else (precision.text_dtype or dtype))
         if module.dtype != wanted:
             module.to(dtype=wanted)
+    sd_precision.cast_modules(unet, vae, encoders, precision)
+    if cache is not None and not cached:
+        cache.put(cache_key, parts)
     execution_device = _place(device, offload, unet, vae, encoders)
     if arch == "sdxl":
         cond_stage = SDXLTextConditioner(tokenizers[0], encoders[0], tokenizers[1], encoders[1], clip_skip=clip_skip)
@@ -381,7 +403,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         cond_stage = CLIPTextConditioner(tokenizers[0], encoders[0], clip_skip=clip_skip)
     model = SDModel(unet=unet, vae=vae, cond_stage=cond_stage, scheduler_config=scheduler_config, name=path.name,
                     path=path, latent_rgb=latent_rgb, arch=arch, execution_device=execution_device,
-                    hash_cache=hash_cache, prediction_type_source=source, allow_pickle=allow_pickle)
+                    hash_cache=hash_cache, prediction_type_source=source, allow_pickle=allow_pickle,
+                    sample_dtype=dtype if unet.dtype != dtype else None, precision=precision)
+    model.compiled_unet = sd_precision.compile_unet(unet, precision)
     from modules import extra_networks_lora, textual_inversion
 
     textual_inversion.attach(model, embeddings_dir)
@@ -657,6 +681,11 @@ def load_kwargs_from_args(args) -> dict:
         kw["offload"] = "lowvram"
     elif getattr(args, "medvram", False):
         kw["offload"] = "medvram"
+    from modules import sd_precision
+
+    precision = sd_precision.options_from_args(args, kw["device"])
+    if precision != sd_precision.PrecisionOptions():  # only what the flags change from load_model's defaults
+        kw["precision"] = precision
     if getattr(args, "embeddings_dir", None):
         kw["embeddings_dir"] = args.embeddings_dir
     if getattr(args, "lora_dir", None):

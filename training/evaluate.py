@@ -54,8 +54,13 @@ DEFAULT_MODEL = REPO / "models" / "Stable-diffusion" / "tiny-shapes"
 _PIPES: dict = {}
 
 
+PRECISION = {"name": "float32"}  # --precision: "bf16" runs the UNet and text encoder in bfloat16 (issue 21)
+
+
 def load_pipeline(model_dir):
-    """diffusers StableDiffusionPipeline from the folder (local files only), DDIM, float32."""
+    """diffusers StableDiffusionPipeline from the folder (local files only), DDIM, float32; with
+    `--precision bf16` its UNet and text encoder compute in bfloat16, the sampler stays float32
+    (modules/sd_precision.upcast_io, what the engine does)."""
     key = str(Path(model_dir).resolve())
     if key not in _PIPES:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -64,6 +69,12 @@ def load_pipeline(model_dir):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
+        if PRECISION["name"] == "bf16":
+            sys.path.insert(0, str(REPO))
+            from modules import sd_precision
+            pipe.unet.to(torch.bfloat16)
+            sd_precision.upcast_io(pipe.unet, torch.bfloat16)
+            pipe.text_encoder.to(torch.bfloat16)
         _PIPES[key] = pipe
     return _PIPES[key]
 
@@ -116,11 +127,11 @@ def generate(model_dir, prompts, negative_prompts=None, seeds=None, steps=20, cf
         emb = {}
         for t in texts:
             e, _ = pipe.encode_prompt(t, "cpu", 1, False)
-            emb[t] = e[0]
+            emb[t] = e[0].float()
         neg = {}
         for t in set(ns):
             e, _ = pipe.encode_prompt(t, "cpu", 1, False)
-            neg[t] = e[0]
+            neg[t] = e[0].float()
         neg_e = torch.stack([neg[t] for t in ns])
 
         def pos_at(i):
@@ -336,7 +347,10 @@ def main(argv=None):
     ap.add_argument("--sheet", default=None, help="contact sheet PNG (default MODEL/contact_sheet.png)")
     ap.add_argument("--json", default=None, help="write the figures here (default MODEL/eval.json)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                    help="bf16: bfloat16 UNet and text encoder, float32 sampler (modules/sd_precision.py)")
     args = ap.parse_args(argv)
+    PRECISION["name"] = args.precision
     if args.threads:
         torch.set_num_threads(args.threads)
     model = Path(args.model)

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from modules import options as options_module
-from modules import processing, sd_models, sd_vae
+from modules import processing, sd_checkpoint_cache, sd_models, sd_vae
 from modules.errors import InvalidParameter, UserError
 from modules.job_state import JobState
 from modules.processing import Processed
@@ -49,6 +49,7 @@ class WebUIContext:
         self.checkpoint: sd_models.CheckpointInfo | None = None  # the loaded model's entry
         self.unloaded_path: Path | None = None  # the checkpoint unload-checkpoint freed, for reload-checkpoint
         self._speed = None  # (model, job_cost.UnetSpeed) once measured
+        self.checkpoint_cache = sd_checkpoint_cache.CheckpointCache()  # switching back is a copy (load_kwargs)
         self.models_dir = Path(getattr(args, "models_dir", None) or cmd_args_repo() / "models")  # ESRGAN/, Lora/, ...
         from modules import styles as styles_module
 
@@ -98,8 +99,9 @@ class WebUIContext:
         return self._info_for_path(Path(found.path))
 
     def load_kwargs(self) -> dict:
-        """load_model's arguments from the flags (--device, --no-half, --medvram, ...)."""
-        return sd_models.load_kwargs_from_args(self.args)
+        """load_model's arguments from the flags (--device, --no-half, --medvram, ...), and the RAM checkpoint
+        cache sized by the options (sd_checkpoint_cache, sd_checkpoints_limit)."""
+        return {**sd_models.load_kwargs_from_args(self.args), "cache": self.checkpoint_cache.configure(self.options)}
 
     def is_current(self, info: sd_models.CheckpointInfo) -> bool:
         return self.model is not None and Path(self.model.path).resolve() == Path(info.path).resolve()
