@@ -112,7 +112,7 @@ def test_infotext_round_trip(tiny_model):
               denoising_strength=0.55, steps=3)
     result = processing.process_images(tiny_model, p)
     text = result.infotexts[0]
-    assert ("Denoising strength: 0.55, Hires resize: 128x96, Hires steps: 3, Hires upscaler: Latent (bicubic), "
+    assert ("Denoising strength: 0.55, RNG: CPU, Hires resize: 128x96, Hires steps: 3, Hires upscaler: Latent (bicubic), "
             "Hires sampler: Euler a, Hires prompt: a blue circle, Hires negative prompt: \"red, ugly\", "
             "Hires CFG Scale: 5") in text
     fields = processing.infotext_fields(text)

@@ -112,12 +112,13 @@ def test_refused_writes_change_nothing_and_the_server_keeps_serving(world):
     assert requests.post(url(world, "options"), json={"sd_vae": "Automatic"}, timeout=60).status_code == 200
 
 
-def apply(page, expected: str, tries: int = 10) -> None:
+def apply(page, expected: str, tries: int = 10, typing=lambda: None) -> None:
     """Press Apply settings until the result line reads `expected` (a number typed just before may
     reach Gradio's state a moment after the click: the first press can still see the old value)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    for _ in range(tries):
+    for _ in range(tries):  # Apply also writes the stored values back into the controls: type again each try
+        typing()
         page.click("#settings_submit")
         try:
             page.wait_for_function("t => document.querySelector('#settings_result').innerText.includes(t)",
@@ -143,14 +144,17 @@ def test_settings_tab_applies_to_the_options_and_the_next_job(world, browser):
     for _ in "seed delta":  # deleted key by key, as typed
         search.press("Backspace")
     page.wait_for_function("() => getComputedStyle(document.querySelector('#setting_samples_format')).display !== 'none'")
-    set_number(page, "setting_eta_noise_seed_delta", 31337)
-    apply(page, "1 setting changed: eta_noise_seed_delta.")
+    apply(page, "1 setting changed: eta_noise_seed_delta.",
+          typing=lambda: set_number(page, "setting_eta_noise_seed_delta", 31337))
     assert options(world)["eta_noise_seed_delta"] == 31337
     after, info = txt2img(world)
     assert np.abs(after - before).mean() > 0 and "ENSD: 31337" in info["infotexts"][0]
-    set_number(page, "setting_sdxl_crop_top", -8)  # out of range: refused, named, nothing changed
-    set_number(page, "setting_eta_noise_seed_delta", 0)
-    apply(page, "Error: option sdxl_crop_top must be a whole number at least 0, got -8 (nothing was changed)")
+    def out_of_range():  # refused, named, nothing changed
+        set_number(page, "setting_sdxl_crop_top", -8)
+        set_number(page, "setting_eta_noise_seed_delta", 0)
+
+    apply(page, "Error: option sdxl_crop_top must be a whole number at least 0, got -8 (nothing was changed)",
+          typing=out_of_range)
     assert options(world)["eta_noise_seed_delta"] == 31337
     page.context.close()
     requests.post(url(world, "options"), json={"eta_noise_seed_delta": 0}, timeout=30)
