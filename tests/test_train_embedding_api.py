@@ -3,6 +3,7 @@ the file written, the checks that refuse a request with nothing written, trainin
 interrupt, and the embedding reloaded."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -157,10 +158,27 @@ def test_train_on_the_queue_with_progress_then_interrupt(server, emb_dir, data_r
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and progress(server)["state"]["sampling_step"] < 5:
         time.sleep(0.05)
+    # a generation job sent meanwhile waits in the queue: it never runs beside the training
+    gen = {}
+    g = threading.Thread(target=lambda: gen.setdefault("r", post(server, "txt2img", {
+        "prompt": "tinyapi", "steps": 2, "width": 64, "height": 64, "sampler_name": "DDIM"})))
+    g.start()
+    time.sleep(0.5)
+    assert g.is_alive() and progress(server)["state"]["job"] == "train_embedding"
     assert requests.post(f"{server.url}/sdapi/v1/interrupt", timeout=30).status_code == 200
     t.join(60)
     assert out["r"].status_code == 200 and out["r"].json()["info"].endswith("error: None")
+    g.join(60)
+    assert gen["r"].status_code == 200 and len(gen["r"].json()["images"]) == 1
+    assert 'TI hashes: "tinyapi: ' in json.loads(gen["r"].json()["info"])["infotexts"][0]  # the prompt used the (reloaded) embedding
     vec2, meta2 = read(path)
-    assert 5 <= int(meta2["step"]) < 5000 and not np.allclose(vec2.numpy(), vec.numpy())
-    assert embeddings(server)["loaded"]["tinyapi"]["step"] == int(meta2["step"])
+    stopped = int(meta2["step"])
+    assert 5 <= stopped < 5000 and not np.allclose(vec2.numpy(), vec.numpy())
+    assert embeddings(server)["loaded"]["tinyapi"]["step"] == stopped
     assert (tmp_path / "log" / "tinyapi" / "state.pt").is_file()  # the resume state
+
+    # the next request continues from the stopped step (with the saved optimiser state)
+    r = post(server, "train/embedding", train_body(data_root, tmp_path, steps=stopped + 1))
+    assert r.status_code == 200 and r.json()["info"].endswith("error: None"), r.text
+    assert read(path)[1]["step"] == str(stopped + 1)
+    assert embeddings(server)["loaded"]["tinyapi"]["step"] == stopped + 1
