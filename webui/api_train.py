@@ -117,8 +117,12 @@ def create_embedding(ctx, req: CreateEmbeddingRequest) -> dict:
         folder = embedding_folder(model)
         path = folder / f"{name}.safetensors"
         taken = model.embedding_db.loaded.get(name) or model.embedding_db.skipped.get(name)
+        taken_file = Path(getattr(taken, "filename", None) or getattr(taken, "path", None) or path)
+        if taken is not None and taken_file.resolve() != path.resolve():  # overwriting would leave two of that name
+            raise Conflict(f"An embedding named {name!r} is stored in {taken_file}: overwrite_old replaces only "
+                           f"{path.name}; rename or remove that file", field="name")
         if (path.exists() or taken is not None) and not req.overwrite_old:
-            raise Conflict(f"An embedding named {name!r} exists ({getattr(taken, 'filename', None) or path}): "
+            raise Conflict(f"An embedding named {name!r} exists ({path}): "
                            f"set overwrite_old to replace it", field="name")
         written = ti.create_embedding(model, name, req.num_vectors_per_token, req.init_text, folder,
                                       overwrite_old=True)
