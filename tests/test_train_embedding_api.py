@@ -106,12 +106,16 @@ def train_body(root, tmp, **kw):
     ({"steps": 0}, 422, "steps"),
     ({"learn_rate": "fast"}, 422, "learn_rate"),
     ({"training_width": 60}, 422, "training_width"),
+    ({"log_directory": "A_FILE"}, 422, "log_directory"),
 ])
 def test_bad_train_writes_nothing(server, emb_dir, data_root, tmp_path, change, status, field):
     if change.get("data_root") == "EMPTY":
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "notes.txt").write_text("no images")
         change = {"data_root": str(tmp_path / "empty")}
+    if change.get("log_directory") == "A_FILE":  # a file where the folder should be
+        (tmp_path / "a-file").write_text("")
+        change = {"log_directory": str(tmp_path / "a-file" / "log")}
     before = files(emb_dir)
     r = post(server, "train/embedding", train_body(data_root, tmp_path, **change))
     assert r.status_code == status, r.text
@@ -175,7 +179,8 @@ def test_train_on_the_queue_with_progress_then_interrupt(server, emb_dir, data_r
     assert out["r"].status_code == 200 and out["r"].json()["info"].endswith("error: None")
     g.join(60)
     assert gen["r"].status_code == 200 and len(gen["r"].json()["images"]) == 1
-    assert 'TI hashes: "tinyapi: ' in json.loads(gen["r"].json()["info"])["infotexts"][0]  # the prompt used the (reloaded) embedding
+    # the prompt used the (reloaded) embedding
+    assert 'TI hashes: "tinyapi: ' in json.loads(gen["r"].json()["info"])["infotexts"][0]
     vec2, meta2 = read(path)
     stopped = int(meta2["step"])
     assert 5 <= stopped < 5000 and not np.allclose(vec2.numpy(), vec.numpy())
@@ -205,4 +210,5 @@ def test_overwrite_old(server, emb_dir):
     r = post(server, "create/embedding", {"name": "tinyapi", "num_vectors_per_token": 1, "overwrite_old": True})
     assert r.status_code == 200, r.text
     assert read(emb_dir / "tinyapi.safetensors")[0].shape[0] == 1
-    assert embeddings(server)["loaded"]["tinyapi"]["vectors"] == 1 and embeddings(server)["loaded"]["tinyapi"]["step"] == 0
+    listed = embeddings(server)["loaded"]["tinyapi"]
+    assert listed["vectors"] == 1 and listed["step"] == 0

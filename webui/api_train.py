@@ -193,10 +193,16 @@ def prepare_training(model, req: TrainEmbeddingRequest) -> dict:
     except ValueError:
         raise InvalidParameter(f"data_root {req.data_root!r} holds no training images "
                                f"({', '.join(trainer.IMAGE_SUFFIXES)})", field="data_root") from None
-    except OSError as e:  # unreadable or corrupt image
-        raise InvalidParameter(f"data_root: cannot read an image ({e})", field="data_root") from None
-    work_dir = (Path(req.log_directory) if req.log_directory else trainer.REPO / "cache" / "train-embedding") \
-        / embedding.name
+    except Exception as e:  # an unreadable, corrupt or oversized image
+        raise InvalidParameter(f"data_root: cannot read an image ({type(e).__name__}: {e})",
+                               field="data_root") from None
+    log_root = Path(os.path.expanduser(req.log_directory)) if req.log_directory else \
+        trainer.REPO / "cache" / "train-embedding"
+    existing = next((p for p in (log_root, *log_root.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidParameter(f"log_directory {str(log_root)!r} cannot be written by the server",
+                               field="log_directory")
+    work_dir = log_root / embedding.name
     return {"name": embedding.name, "data": data, "steps": req.steps, "learn_rate": req.learn_rate,
             "batch_size": req.batch_size, "embeddings_dir": source.parent, "work_dir": work_dir,
             "save_every": req.save_embedding_every, "resume": _resumable(work_dir, embedding),
