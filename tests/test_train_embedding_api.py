@@ -73,7 +73,7 @@ def test_create_embedding(server, emb_dir):
 
 
 @pytest.mark.parametrize("body, status, field", [
-    ({"name": "tinyapi"}, 409, "name"),  # exists, no overwrite_old
+    ({"name": "tinyapi"}, 422, "name"),  # exists, no overwrite_old
     ({"name": "../escape"}, 422, "name"),
     ({"name": "sub/x"}, 422, "name"),
     ({"name": "  "}, 422, "name"),
@@ -195,7 +195,7 @@ def test_train_on_the_queue_with_progress_then_interrupt(server, emb_dir, data_r
 
 
 def test_overwrite_old(server, emb_dir):
-    """overwrite_old replaces <name>.safetensors; a same-named embedding in another file is a 409, nothing written."""
+    """overwrite_old replaces <name>.safetensors; a same-named embedding in another file is a 422, nothing written."""
     import torch
     from safetensors.torch import save_file
 
@@ -205,7 +205,7 @@ def test_overwrite_old(server, emb_dir):
     assert post(server, "refresh-embeddings", None).status_code == 200
     before = files(emb_dir)
     r = post(server, "create/embedding", {"name": "dup", "overwrite_old": True})
-    assert r.status_code == 409 and r.json()["field"] == "name" and "sub" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["field"] == "name" and "sub" in r.json()["detail"]
     assert files(emb_dir) == before
     r = post(server, "create/embedding", {"name": "tinyapi", "num_vectors_per_token": 1, "overwrite_old": True})
     assert r.status_code == 200, r.text

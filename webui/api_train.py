@@ -29,13 +29,14 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from modules import textual_inversion as ti
-from modules.errors import InvalidParameter, NotFound, UserError
+from modules.errors import InvalidParameter, NotFound
 from modules.job_state import JobState
 
 MAX_VECTORS = 75  # AUTOMATIC1111's slider: one chunk
 MAX_STEPS = 100_000  # AUTOMATIC1111's default "Max steps"
 MAX_BATCH = 256
 MAX_SIDE = 2048
+MAX_DATA_FILES = 20_000  # a data_root like "/" is refused, not walked
 
 # TrainEmbedding fields this trainer has no counterpart for: accepted (as AUTOMATIC1111's clients send
 # them) and ignored. The captions are always `[name], [filewords]`; the latents the VAE's mean
@@ -45,12 +46,6 @@ IGNORED_TRAIN_FIELDS = ("id_task", "gradient_step", "varsize", "clip_grad_mode",
                         "template_filename", "save_image_with_stored_embedding", "preview_from_txt2img",
                         "preview_prompt", "preview_negative_prompt", "preview_steps", "preview_sampler_name",
                         "preview_cfg_scale", "preview_seed", "preview_width", "preview_height")
-
-
-class Conflict(UserError):
-    """A name that is taken (HTTP 409)."""
-
-    status_code = 409
 
 
 class CreateEmbeddingRequest(BaseModel):
@@ -119,10 +114,10 @@ def create_embedding(ctx, req: CreateEmbeddingRequest) -> dict:
         taken = model.embedding_db.loaded.get(name) or model.embedding_db.skipped.get(name)
         taken_file = Path(getattr(taken, "filename", None) or getattr(taken, "path", None) or path)
         if taken is not None and taken_file.resolve() != path.resolve():  # overwriting would leave two of that name
-            raise Conflict(f"An embedding named {name!r} is stored in {taken_file}: overwrite_old replaces only "
+            raise InvalidParameter(f"An embedding named {name!r} is stored in {taken_file}: overwrite_old replaces only "
                            f"{path.name}; rename or remove that file", field="name")
         if (path.exists() or taken is not None) and not req.overwrite_old:
-            raise Conflict(f"An embedding named {name!r} exists ({path}): "
+            raise InvalidParameter(f"An embedding named {name!r} exists ({path}): "
                            f"set overwrite_old to replace it", field="name")
         written = ti.create_embedding(model, name, req.num_vectors_per_token, req.init_text, folder,
                                       overwrite_old=True)
@@ -150,10 +145,33 @@ def check_data_root(data_root: str) -> Path:
                                field="data_root")
     if not os.access(folder, os.R_OK | os.X_OK):
         raise InvalidParameter(f"data_root {data_root!r} is not readable by the server", field="data_root")
+    count = 0
+    for _, dirs, names in os.walk(folder):
+        count += len(dirs) + len(names)
+        if count > MAX_DATA_FILES:
+            raise InvalidParameter(f"data_root {data_root!r} holds more than {MAX_DATA_FILES} files: point it at "
+                                   f"the folder of training images", field="data_root")
     return folder
 
 
-def prepare_training(model, req: TrainEmbeddingRequest) -> dict:
+def check_cost(ctx, model, req: TrainEmbeddingRequest, width: int, height: int, done: int) -> None:
+    """--max-job-seconds bounds a training job too: each step is about three UNet calls' work (forward and
+    backward) on `batch_size` images; a 422 naming `steps` over the limit."""
+    from modules import job_cost
+
+    limit = getattr(ctx.args, "max_job_seconds", None)
+    speed = ctx.unet_speed() if limit else None
+    if not limit or speed is None:
+        return
+    f = model.vae_scale_factor
+    seconds = max(req.steps - done, 0) * speed.seconds(3 * req.batch_size, (width // f) * (height // f))
+    if seconds > limit:
+        raise InvalidParameter(f"This training would take about {job_cost.describe(seconds)} on this server, over "
+                               f"its limit of {job_cost.describe(limit)} per job (--max-job-seconds {limit:g}): "
+                               f"lower steps, batch_size or the training size", field="steps")
+
+
+def prepare_training(ctx, model, req: TrainEmbeddingRequest) -> dict:
     """Every field checked and the images read: the train_embedding arguments, or a 4xx naming the field."""
     trainer = _trainer()
     if hasattr(model.cond_stage, "clip_l"):
@@ -187,6 +205,7 @@ def prepare_training(model, req: TrainEmbeddingRequest) -> dict:
     for key, side in (("training_width", width), ("training_height", height)):
         if not 8 <= side <= MAX_SIDE or side % 8:
             raise InvalidParameter(f"{key} must be a multiple of 8 from 8 to {MAX_SIDE}, got {side}", field=key)
+    check_cost(ctx, model, req, width, height, int(embedding.step or 0))
     folder = check_data_root(req.data_root)
     try:
         data = trainer.load_folder(folder, width, height)
@@ -227,7 +246,7 @@ def _resumable(work_dir: Path, embedding: ti.Embedding) -> bool:
 
 def train_embedding(ctx, req: TrainEmbeddingRequest, state: JobState) -> dict:
     """POST /sdapi/v1/train/embedding: checks (4xx), then the training as the queue's current job."""
-    args = prepare_training(_model(ctx), req)
+    args = prepare_training(ctx, _model(ctx), req)
     with ctx.queue_lock:
         model = _model(ctx)
         if model.embedding_db is None or model.embedding_db.loaded.get(args["name"]) is None:
