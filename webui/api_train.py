@@ -246,9 +246,13 @@ def _resumable(work_dir: Path, embedding: ti.Embedding) -> bool:
 
 def train_embedding(ctx, req: TrainEmbeddingRequest, state: JobState) -> dict:
     """POST /sdapi/v1/train/embedding: checks (4xx), then the training as the queue's current job."""
-    args = prepare_training(ctx, _model(ctx), req)
+    prepared_for = _model(ctx)
+    args = prepare_training(ctx, prepared_for, req)
     with ctx.queue_lock:
         model = _model(ctx)
+        if model is not prepared_for:
+            raise InvalidParameter("The checkpoint changed while the request waited in the queue: send it again",
+                                   field="sd_model_checkpoint")
         if model.embedding_db is None or model.embedding_db.loaded.get(args["name"]) is None:
             raise NotFound(f"Embedding {args['name']!r} was removed while the request waited", field="embedding_name")
         state.begin("train_embedding", 1)
