@@ -29,7 +29,8 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fuzz")
     model = build_tiny_sd(root / "models" / "tiny-sd")
-    srv = start_server(model, "--nowebui", "--max-job-seconds", "0.3", "--outdir-samples", str(root / "out"))
+    srv = start_server(model, "--nowebui", "--max-job-seconds", "0.3", "--outdir-samples", str(root / "out"),
+                       "--embeddings-dir", str(root / "embeddings"))  # create/embedding writes there
     yield srv
     srv.stop()
 

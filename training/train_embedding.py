@@ -126,18 +126,21 @@ def _caption_for(template: str, name: str, words: dict | str) -> str:
     return template.replace("[name]", name).replace("[filewords]", words).strip(" ,")
 
 
-def load_folder(folder: Path, size: int) -> list[tuple[np.ndarray, str]]:
-    """Images of a folder (center-cropped and resized to `size`), each with the text of its `.txt` caption."""
+def load_folder(folder: Path, size: int, height: int | None = None) -> list[tuple[np.ndarray, str]]:
+    """Images of a folder (center-cropped to the aspect of `size` x `height`, default square, and resized to it),
+    each with the text of its `.txt` caption."""
     from PIL import Image
 
+    width, height = size, height or size
     items = []
     for p in sorted(Path(folder).rglob("*")):
         if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
             continue
         im = Image.open(p).convert("RGB")
-        s = min(im.size)
-        left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-        im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+        cw = min(im.size[0], round(im.size[1] * width / height))
+        ch = min(im.size[1], round(cw * height / width))
+        left, top = (im.size[0] - cw) // 2, (im.size[1] - ch) // 2
+        im = im.crop((left, top, left + cw, top + ch)).resize((width, height), Image.BICUBIC)
         caption_file = p.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
         items.append((np.asarray(im, dtype=np.uint8), caption))
@@ -208,7 +211,8 @@ def train_embedding(model, name: str, data, steps: int, *, num_vectors: int = 1,
                     should_stop: Callable[[], bool] | None = None, show_progress: bool = True,
                     keep_data=None, keep_templates: tuple[str, ...] = KEEP_TEMPLATES, negative_template: str = "[name]",
                     cfg_scale: float = 7.0, ti_weight: float = 1.0, keep_weight: float = 1.0,
-                    contrast: Contrast | None = None, contrast_data=None, contrast_weight: float = 1.0) -> TrainResult:
+                    contrast: Contrast | None = None, contrast_data=None, contrast_weight: float = 1.0,
+                    initial_vectors: torch.Tensor | None = None, initial_step: int = 0) -> TrainResult:
     """Learn `num_vectors` vectors for `name` on `model` (SD 1.x/2.x) from `data` and save them.
 
     With `keep_data` the embedding is also trained for use as a negative prompt (this project's
@@ -223,6 +227,8 @@ def train_embedding(model, name: str, data, steps: int, *, num_vectors: int = 1,
     pairs. `template`: caption template(s) with `[name]` and `[filewords]` (one drawn per image
     per step). `resume`: continue from the state in `work_dir` (default cache/train-embedding/<name>).
     `progress_callback(step, steps, loss)` after every step; `should_stop()` before every step.
+    `initial_vectors` / `initial_step`: start from an existing embedding's vectors and step (AUTOMATIC1111's
+    training of an embedding made by create/embedding) instead of `init_text` at step 0.
     Returns a TrainResult; the embedding is at `result.path` (`<embeddings_dir>/<name>.safetensors`),
     and the model's embedding folder is re-read when that is where it was written.
     """
@@ -267,11 +273,12 @@ def train_embedding(model, name: str, data, steps: int, *, num_vectors: int = 1,
     alphas = model.alphas_cumprod.float()
 
     # the vectors, the optimiser, and where to resume from
-    vec = ti.init_vectors(cond, init_text, num_vectors).to(model.device)
+    vec = (initial_vectors.detach().float().clone() if initial_vectors is not None
+           else ti.init_vectors(cond, init_text, num_vectors)).to(model.device)
     vec.requires_grad_(True)
-    optimizer = torch.optim.AdamW([vec], lr=learn_rate_at(schedule, 0), weight_decay=0.0)
+    optimizer = torch.optim.AdamW([vec], lr=learn_rate_at(schedule, initial_step), weight_decay=0.0)
     state_file = work_dir / "state.pt"
-    step, losses = 0, []
+    step, losses = int(initial_step), []
     if resume and state_file.is_file():
         st = torch.load(state_file, map_location="cpu", weights_only=True)
         if tuple(st["vec"].shape) != tuple(vec.shape):

@@ -38,7 +38,7 @@ from modules.errors import InvalidParameter, SamplerNotFound, UserError
 from modules.job_state import JobState
 from modules.scripts import XYZ_PLOT
 from modules.scripts.sd_upscale import SD_UPSCALE
-from webui import jobs
+from webui import api_train, jobs
 from webui.context import WebUIContext
 
 # AUTOMATIC1111's fields that exist only in its API request, with their defaults there.
@@ -307,6 +307,7 @@ class Api:
         router.add_api_route("/latent-upscale-modes", self.get_latent_upscale_modes, methods=["GET"])
         router.add_api_route("/embeddings", self.get_embeddings, methods=["GET"])
         router.add_api_route("/refresh-embeddings", self.refresh_embeddings, methods=["POST"])
+        api_train.add_routes(router, self)  # create/embedding, train/embedding (webui/api_train.py)
         router.add_api_route("/loras", self.get_loras, methods=["GET"])
         router.add_api_route("/refresh-loras", lambda: None, methods=["POST"])  # the folder is read at each listing
         router.add_api_route("/progress", self.progressapi, methods=["GET"], response_model=ProgressResponse)
