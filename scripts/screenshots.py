@@ -72,7 +72,9 @@ def main() -> None:
             page.get_by_label("All three").check()
             page.click("#txt2img_generate")
             page.wait_for_function("/^Done/.test(document.querySelector('#txt2img_progress').innerText)")
+            page.locator("#txt2img_inspector_plot").scroll_into_view_if_needed()  # pictures load lazily, when in view
             page.wait_for_timeout(1000)  # let the thumbnails load
+            page.evaluate("window.scrollTo(0, 0)")
             args.out.parent.mkdir(parents=True, exist_ok=True)
             raw = work / "page.png"
             page.screenshot(path=str(raw), full_page=True)

@@ -134,10 +134,11 @@ class InspectorHandlers:
 
     def wire(self) -> None:
         t = self.tab
-        t.inspector_step.change(self.show, [t.inspector_step, t.preview_method], self.outputs,
-                                show_progress="hidden", trigger_mode="always_last")
+        # one queue for both: a slower older view must never land after a newer one
+        views = dict(show_progress="hidden", trigger_mode="always_last", concurrency_id=f"{t.kind}_inspector_views",
+                     concurrency_limit=1)
+        t.inspector_step.change(self.show, [t.inspector_step, t.preview_method], self.outputs, **views)
         t.inspector_step.input(self.moved, [t.inspector_step], None, queue=False, show_progress="hidden")
-        t.preview_method.change(self.show, [t.inspector_step, t.preview_method], self.outputs,
-                                show_progress="hidden", trigger_mode="always_last")
+        t.preview_method.change(self.show, [t.inspector_step, t.preview_method], self.outputs, **views)
         t.compare_button.click(self.compare, [t.compare_mode], [t.compare_gallery, t.compare_info, t.compare_button],
                                show_progress="hidden", concurrency_limit=None)
