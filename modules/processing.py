@@ -73,6 +73,14 @@ class JobOptions:
     saving: images_module.SaveSettings = field(default_factory=images_module.SaveSettings)
 
     @classmethod
+    def option_keys(cls) -> list[str]:
+        """The option keys a job reads: these fields' names, and SaveSettings' in place of `saving`."""
+        from dataclasses import fields as dataclass_fields
+
+        own = [f.name for f in dataclass_fields(cls) if f.name != "saving"]
+        return own + [f.name for f in dataclass_fields(images_module.SaveSettings)]
+
+    @classmethod
     def from_options(cls, options) -> "JobOptions":
         """The job's options from a mapping of option key -> value (the server's, with override_settings)."""
         from dataclasses import fields as dataclass_fields

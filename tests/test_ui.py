@@ -313,6 +313,17 @@ def saved_pngs(server) -> set:
     return set(server.outdir.parent.rglob("*.png"))
 
 
+def img2img_job(browser, server, picture):
+    """A page on the img2img tab with a 4-step job of seed 77 and `picture` uploaded."""
+    page = open_page(browser, server)
+    open_img2img(page)
+    page.fill("#img2img_prompt textarea", "a blue circle")
+    set_number(page, "img2img_steps", 4)
+    page.fill("#img2img_seed input", "77")
+    page.locator("#img2img_image input[type=file]").set_input_files(str(picture))
+    return page
+
+
 def test_img2img_upload_generate_and_a_bad_image_is_refused(browser, server, tmp_path):
     from PIL import Image
 
@@ -320,12 +331,7 @@ def test_img2img_upload_generate_and_a_bad_image_is_refused(browser, server, tmp
     Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a picture" * 10)
-    page = open_page(browser, server)
-    open_img2img(page)
-    page.fill("#img2img_prompt textarea", "a blue circle")
-    set_number(page, "img2img_steps", 4)
-    page.fill("#img2img_seed input", "77")
-    page.locator("#img2img_image input[type=file]").set_input_files(str(bad))
+    page = img2img_job(browser, server, bad)
     before = saved_pngs(server)
     page.click("#img2img_generate")
     text = img2img_progress(page, "init_images")
@@ -333,12 +339,7 @@ def test_img2img_upload_generate_and_a_bad_image_is_refused(browser, server, tmp
     page.wait_for_selector(".toast-body:has-text('not a valid PNG image')")  # gr.Warning, readable
     assert saved_pngs(server) == before  # nothing written
     page.context.close()
-    page = open_page(browser, server)
-    open_img2img(page)
-    page.fill("#img2img_prompt textarea", "a blue circle")
-    set_number(page, "img2img_steps", 4)
-    page.fill("#img2img_seed input", "77")
-    page.locator("#img2img_image input[type=file]").set_input_files(str(init))
+    page = img2img_job(browser, server, init)
     page.wait_for_selector("#img2img_image img")
     page.click("#img2img_generate")
     done = img2img_progress(page, "^Done")

@@ -304,12 +304,8 @@ def job_options(options: dict) -> processing.JobOptions:
     as the options API checks them (an override_settings value of the wrong kind is a 422 naming it)."""
     from modules import options as options_module
 
-    checked = {}
-    for f in dataclasses.fields(processing.JobOptions):
-        keys = [x.name for x in dataclasses.fields(images_module.SaveSettings)] if f.name == "saving" else [f.name]
-        for key in keys:
-            if key in options and key in options_module.OPTIONS:
-                checked[key] = options_module.check_value(key, options[key])
+    checked = {key: options_module.check_value(key, options[key]) for key in processing.JobOptions.option_keys()
+               if key in options and key in options_module.OPTIONS}
     return processing.JobOptions.from_options(checked)
 
 
