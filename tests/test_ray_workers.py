@@ -26,8 +26,9 @@ from tests.server import REPO, free_port
 from tests.tiny_sd import build_tiny_sd
 
 STEPS = 8
-JOBS = 10  # the issue's 40, scaled to what fits this module's share of 2 shared cores
-CLIENTS = 5
+SCALE_STEPS = 4  # the scale test's jobs: few steps, 64x64, the tiny model
+API_JOBS, CLIENTS = 38, 8  # with the 2 page sessions' jobs: the issue's 40 jobs
+PAGE_STEPS = (5, 7)  # each page session its own step count: another's previews would show the wrong "Step i/N"
 
 
 def request(seed: int, steps: int = STEPS, **extra) -> dict:
@@ -41,7 +42,7 @@ def pixels(image) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """(ctx on Ray, ctx in-process, the API's URL, {name: model}) — one local Ray for the module."""
+    """(ctx on Ray, ctx in-process, the server's URL (page and API), {name: model}) — one local Ray for the module."""
     import uvicorn
 
     import app as app_module
@@ -53,8 +54,7 @@ def cluster(tmp_path_factory):
     models = {name: build_tiny_sd(root / "ckpt" / name, seed=seed) for name, seed in (("tiny-a", 0), ("tiny-b", 1))}
     loaded = {name: sd_models.load_model(path, device="cpu") for name, path in models.items()}
     port = free_port()
-    args = cmd_args.parse_args(["--ckpt", str(models["tiny-a"]), "--ckpt-dir", str(root / "ckpt"), "--nowebui",
-                                "--api", "--port", str(port), "--outdir-samples", str(root / "out"),
+    args = cmd_args.parse_args(["--ckpt", str(models["tiny-a"]), "--ckpt-dir", str(root / "ckpt"), "--api", "--port", str(port), "--outdir-samples", str(root / "out"),
                                 "--ui-settings-file", str(root / "config.json")])
     ctx = WebUIContext(args, loaded["tiny-a"])
     local = WebUIContext(args, loaded["tiny-a"])  # the in-process reference: same model, same options
@@ -111,38 +111,65 @@ def running_job(ctx, state, timeout: float = 60) -> dict:
     raise AssertionError("the job never started on a worker")
 
 
-def test_concurrent_clients_get_their_own_images_bit_equal_to_in_process(cluster):
-    """JOBS API jobs from CLIENTS concurrent clients, plus 2 'sessions' whose hooks record every preview."""
+def start_page_job(browser, url: str, prompt: str, steps: int, seed: int):
+    """A page session (its own browser context) that has pressed Generate on a txt2img job."""
+    from types import SimpleNamespace
+
+    from tests.browser import open_page, set_number
+
+    page = open_page(browser, SimpleNamespace(url=url))
+    page.fill("#txt2img_prompt textarea", prompt)
+    page.fill("#txt2img_neg_prompt textarea", "blue")
+    set_number(page, "txt2img_steps", steps)
+    page.fill("#txt2img_seed input", str(seed))
+    page.click("#txt2img_generate")
+    return page
+
+
+def finish_page_job(page) -> tuple[str, list[str], np.ndarray]:
+    """(its infotext, its preview captions, the pixels of its result) once the page says Done."""
+    from tests.browser import image_pixels
+
+    page.wait_for_function("/^Done/.test(document.querySelector('#txt2img_progress .sdneg-progress-text')"
+                           "?.innerText || '')", timeout=240_000)
+    captions = page.locator("#txt2img_preview_gallery .thumbnail-item .caption-label").all_inner_texts()
+    page.locator("#txt2img_gallery").scroll_into_view_if_needed()
+    assert page.locator("#txt2img_gallery .thumbnail-item").count() == 1
+    return page.inner_text("#html_info_txt2img"), captions, image_pixels(page, "#txt2img_gallery .thumbnail-item img")
+
+
+def test_40_jobs_from_8_api_clients_and_2_page_sessions_are_each_their_owners_and_bit_equal(browser, cluster):
+    """The issue's scale test: 2 replicas; 38 API jobs from 8 concurrent clients and one job from each of two
+    real browser sessions (the page through Ray), 40 distinct seeds, all at once. Every job completes, each
+    image equals the same job run in-process bit for bit, each client gets its own seed's image, and each
+    page shows its own job's previews (its own step count) and result."""
+    from tests.browser import require_browser
+
+    require_browser()
     ctx, local, url, _ = cluster
-    from modules.job_state import JobState
-
-    seeds = [1000 + 7 * i for i in range(JOBS)]
-    with ThreadPoolExecutor(CLIENTS + 2) as pool:
-        api = [pool.submit(post, url + "/sdapi/v1/txt2img", request(s)) for s in seeds]
-        sessions = []
-        for seed in (5, 6):
-            steps: list = []
-            state = JobState(owner=f"page:{seed}")
-            sessions.append((seed, steps, pool.submit(on_ray, ctx, request(seed), state,
-                                                      [lambda info, steps=steps: steps.append(info)])))
-        answers = [f.result() for f in api]
-        for seed, answer in zip(seeds, answers):
-            assert json.loads(answer["info"])["seed"] == seed  # nobody got another client's result
-            got = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
-            assert np.array_equal(pixels(got), pixels(in_process(local, request(seed)).images[0])), seed
-        for seed, steps, future in sessions:
-            processed = future.result()
-            reference_steps: list = []
-            from webui import jobs
-
-            reference = jobs.run_job(local, jobs.make_job("txt2img", request(seed), local), None,
-                                     [lambda info: reference_steps.append(info)])
-            assert np.array_equal(pixels(processed.images[0]), pixels(reference.images[0]))
-            # each session's previews are its own job's steps, each once, equal to in-process
-            assert [s.step for s in steps] == list(range(STEPS))
-            for mine, ref in zip(steps, reference_steps):
-                assert np.array_equal(mine.pred_x0.numpy(), ref.pred_x0.numpy())
-                assert set(mine.branches) == set(ref.branches)
+    seeds = [1000 + 7 * i for i in range(API_JOBS)]
+    page_seeds = (5, 6)
+    assert len(set(seeds) | set(page_seeds)) == API_JOBS + len(page_seeds) == 40
+    pages = [start_page_job(browser, url, f"page session {i}", steps, seed)
+             for i, (steps, seed) in enumerate(zip(PAGE_STEPS, page_seeds))]
+    with ThreadPoolExecutor(CLIENTS) as pool:  # 8 clients, each sending its next job when the last is answered
+        answers = list(pool.map(lambda s: post(url + "/sdapi/v1/txt2img", request(s, steps=SCALE_STEPS)), seeds))
+    results = [finish_page_job(page) for page in pages]
+    for seed, answer in zip(seeds, answers):
+        info = json.loads(answer["info"])
+        assert info["seed"] == seed and info["steps"] == SCALE_STEPS  # nobody got another client's result
+        got = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+        assert np.array_equal(pixels(got), pixels(in_process(local, request(seed, steps=SCALE_STEPS)).images[0])), seed
+    for i, ((infotext, captions, shown), steps, seed) in enumerate(zip(results, PAGE_STEPS, page_seeds)):
+        assert f"page session {i}" in infotext and f"Seed: {seed}," in infotext and f"Steps: {steps}," in infotext
+        assert captions == [f"Step {k}/{steps}" for k in range(1, steps + 1)]  # its own previews, each once
+        reference = in_process(local, {"infotext": infotext.strip()})
+        assert np.array_equal(shown, pixels(reference.images[0]).astype(np.float32)), seed
+    for page in pages:
+        page.context.close()
+    with ctx.backend._lock:
+        ran_on = {info["id"] for info in ctx.backend.replicas.values()}
+    assert len(ran_on) == 2  # both replicas took jobs
     memory = json.loads(urllib.request.urlopen(url + "/sdapi/v1/memory", timeout=30).read())
     workers = [w for w in memory["workers"] if w["state"] != "dead"]
     assert len(workers) == 2 and all(w["state"] == "idle" and w["checkpoints"] == ["tiny-a"] for w in workers)
@@ -196,6 +223,14 @@ def test_checkpoints_run_on_the_replicas_that_hold_them(cluster):
     assert held[holder] == ["tiny-b"] and held[next(iter(where["tiny-a"]))] == ["tiny-a"]
 
 
+REPLACE_WITHIN_S = 120  # a new replica starts a Python process, imports torch and loads the model: on 2 busy cores
+
+
+def live_replicas(ctx) -> set[str]:
+    """The ids of the replicas Serve has running now (the Workers panel's non-dead rows)."""
+    return {w["id"] for w in ctx.backend.workers() if w["state"] != "dead"}
+
+
 def test_sigkill_mid_job_retries_on_the_other_replica_with_the_same_image(cluster):
     """Last of the Ray tests: it kills both replicas (the second on a job's last try)."""
     ctx, local, url, _ = cluster
@@ -204,14 +239,29 @@ def test_sigkill_mid_job_retries_on_the_other_replica_with_the_same_image(cluste
 
     state, notes = JobState(), []
     req = request(77, steps=60)
+    before = live_replicas(ctx)
+    assert len(before) == 2
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(on_ray, ctx, req, state, [lambda info: notes.append(state.textinfo)])
         victim = running_job(ctx, state)
         os.kill(victim["pid"], signal.SIGKILL)
         processed = future.result(timeout=120)
-    assert processed.worker != victim["id"]
+    assert processed.worker != victim["id"] and processed.worker in before
     assert any(queue_ray.RETRY_NOTE in (n or "") for n in notes)
     assert np.array_equal(pixels(processed.images[0]), pixels(in_process(local, req).images[0]))
+    # Serve replaces the killed replica: within a bounded wait, 2 replicas run again, one of them new
+    deadline = time.time() + REPLACE_WITHIN_S
+    while time.time() < deadline and not (len(live_replicas(ctx)) == 2 and ctx.backend.status()["running"] == 2):
+        time.sleep(0.25)
+    after = live_replicas(ctx)
+    assert victim["id"] not in after and len(after) == 2 and ctx.backend.status()["running"] == 2, after
+    (new,) = after - before
+    assert after - {new} == before - {victim["id"]}
+    with ThreadPoolExecutor(2) as pool:  # two jobs at once: one on each replica, the new one too
+        both = list(pool.map(lambda seed: on_ray(ctx, request(seed, steps=30)), (79, 80)))
+    assert {p.worker for p in both} == after
+    for seed, p in zip((79, 80), both):
+        assert np.array_equal(pixels(p.images[0]), pixels(in_process(local, request(seed, steps=30)).images[0]))
     # a job whose worker dies on its last try fails with a clear message; the server keeps serving
     ctx.backend.max_retries = 0
     try:
