@@ -180,15 +180,42 @@ def test_40_jobs_from_8_api_clients_and_2_page_sessions_are_each_their_owners_an
     assert all(f"<td>{w['id']}</td><td>idle</td>" in page for w in workers)
 
 
-def test_interrupt_stops_that_job_only_also_while_it_waits(cluster):
-    ctx, _, _, _ = cluster
+def stopped_like(local, req: dict, stops: list[tuple[int, int]], kind: str = "interrupt"):
+    """For each (job_no, step) in `stops`: (it, the job `req` run in-process with `kind` pressed at that step of
+    that batch, the (job_no, step, StepInfo) its hooks saw)."""
+    from modules.job_state import JobState
+    from webui import jobs
+
+    out = []
+    for job_no, step in stops:
+        state, steps = JobState(), []
+
+        def hook(info, job_no=job_no, step=step, state=state, steps=steps) -> None:
+            steps.append((state.job_no, info.step, info))
+            if state.job_no == job_no and info.step == step:
+                getattr(state, kind)()
+
+        out.append(((job_no, step), jobs.run_job(local, jobs.make_job("txt2img", req, local), state, [hook]), steps))
+    return out
+
+
+def same_images(a, b) -> bool:
+    return len(a.images) == len(b.images) and all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(a.images, b.images))
+
+
+def test_interrupt_returns_the_image_where_it_stopped_on_that_job_only_also_while_it_waits(cluster):
+    """As AUTOMATIC1111 and the in-process queue: the interrupted job's image is the last step's prediction
+    (bit-equal to the same job interrupted in-process at that step); the other replica's job runs on; a job
+    interrupted while it waits for a replica never reaches one and returns no image (in-process: the same)."""
+    ctx, local, _, _ = cluster
     from modules.job_state import JobState
 
     long_steps = 150
     a, b, waiting = JobState(), JobState(), JobState()
+    a_steps: list[int] = []
     b_steps: list[int] = []
     with ThreadPoolExecutor(3) as pool:
-        fa = pool.submit(on_ray, ctx, request(11, steps=long_steps), a)
+        fa = pool.submit(on_ray, ctx, request(11, steps=long_steps), a, [lambda info: a_steps.append(info.step)])
         fb = pool.submit(on_ray, ctx, request(12, steps=long_steps), b, [lambda info: b_steps.append(info.step)])
         wa, wb = running_job(ctx, a), running_job(ctx, b)
         assert wa["id"] != wb["id"]
@@ -202,9 +229,60 @@ def test_interrupt_stops_that_job_only_also_while_it_waits(cluster):
         pa, pw = fa.result(timeout=60), fw.result(timeout=60)
         assert len(b_steps) < long_steps - 1  # b still running when a and the waiting job were done
         pb = fb.result(timeout=120)
-    assert pa.interrupted and not pa.images and a.sampling_step <= stopped_at + 2
+    assert pa.interrupted and len(pa.images) == 1 and a.sampling_step <= stopped_at + 3
+    assert a_steps == list(range(len(a_steps))) and len(a_steps) < long_steps
+    # the replica stopped inside the step after the last one it streamed (or, rarely, just after that step)
+    last = a_steps[-1]
+    candidates = stopped_like(local, request(11, steps=long_steps), [(0, last), (0, last + 1)])
+    assert any(same_images(pa, ref) and ref.interrupted for _, ref, _ in candidates), last
     assert pw.interrupted and not pw.images and waiting.sampling_step == 0  # never reached a replica
+    assert in_process_interrupted_before_start(local, request(13, steps=long_steps)).images == []
     assert not pb.interrupted and len(pb.images) == 1 and b_steps == list(range(long_steps))
+
+
+def in_process_interrupted_before_start(local, req: dict):
+    from modules.job_state import JobState
+    from webui import jobs
+
+    state = JobState()
+    state.interrupt()
+    return jobs.run_job(local, jobs.make_job("txt2img", req, local), state)
+
+
+def test_skip_ends_the_current_batch_only_as_in_process(cluster):
+    """Skip on a Ray job of 2 batches: batch 1 ends where the skip reached it (its image that step's
+    prediction), batch 2 runs in full; both images and every streamed preview of batch 2 bit-equal to the
+    same job skipped in-process at that step."""
+    ctx, local, _, _ = cluster
+    from modules.job_state import JobState
+
+    steps = 40
+    req = request(41, steps=steps, n_iter=2)
+    state, seen = JobState(), []
+
+    def press_skip_at_step_3(info) -> None:
+        seen.append((state.job_no, info.step, info))
+        if state.job_no == 0 and info.step == 3:
+            state.skip()
+
+    processed = on_ray(ctx, req, state, [press_skip_at_step_3])
+    first = [s for n, s, _ in seen if n == 0]
+    second = [(s, info) for n, s, info in seen if n == 1]
+    assert first == list(range(len(first))) and 3 <= first[-1] < steps - 1  # batch 1 cut short
+    assert [s for s, _ in second] == list(range(steps))  # batch 2 in full
+    assert not processed.interrupted and len(processed.images) == 2 and processed.all_seeds == [41, 42]
+    candidates = stopped_like(local, req, [(0, first[-1]), (0, first[-1] + 1)], kind="skip")
+    matches = [(ref, ref_steps) for _, ref, ref_steps in candidates if same_images(processed, ref)]
+    assert matches, first[-1]
+    ref, ref_steps = matches[0]
+    ref_second = [info for n, _, info in ref_steps if n == 1]
+    assert len(ref_second) == steps
+    for (_, mine), theirs in zip(second, ref_second):  # the previews the owner got: the in-process steps
+        assert np.array_equal(mine.pred_x0.numpy(), theirs.pred_x0.numpy())
+        assert set(mine.branches) == set(theirs.branches)
+    full = in_process(local, req)  # and not the unskipped job: batch 1 differs, batch 2 is the same
+    assert not np.array_equal(pixels(processed.images[0]), pixels(full.images[0]))
+    assert np.array_equal(pixels(processed.images[1]), pixels(full.images[1]))
 
 
 def test_checkpoints_run_on_the_replicas_that_hold_them(cluster):

@@ -2,7 +2,7 @@
 
 Chosen by `--workers N` / `--ray-address ADDRESS` (app.py -> `connect`, `start`); `WebUIContext.run`
 then hands each job to `RayBackend.run`. Without those flags nothing imports this module, nor Ray.
-Everything that moves a job is Ray Serve's own:
+Everything that moves a job is Ray's own (Ray Serve, and one plain Ray actor for interrupt and skip):
 
 - Workers are the replicas of one deployment, `SDWorker`: each loads the default checkpoint
   once, asks for one GPU where the cluster has GPUs, and takes one job at a time
@@ -16,11 +16,14 @@ Everything that moves a job is Ray Serve's own:
 - Checkpoints: the job's checkpoint path is the multiplexed model id; Serve routes it to a replica
   that has it loaded; `serve.multiplexed(max_num_models_per_replica=--models-per-worker)` loads it
   on a miss and drops the least recently used.
-- Interrupt and skip are request cancellation (`response.cancel()`): a waiting job never reaches a
-  replica; a running one gets CancelledError on its replica, which interrupts the job and waits for
-  it, so a replica never runs two jobs. Ray Serve makes two things differ from in-process: a
-  cancelled stream carries nothing back, so an interrupted job returns no images (in-process: the
-  last step's prediction), and skip ends the whole job (in-process: the current batch only).
+- Interrupt and skip of a running job reach its replica only, through one small Ray actor of the
+  back-end's (`JobSignals`): the owner posts the action under the job's token, the replica running
+  that job long-polls for it and sets its JobState, so the job stops as in-process: an interrupted
+  job returns the image of the step where it stopped, a skip ends the current batch of `n_iter` only.
+  An interrupted job that still waits is cancelled (Serve's request cancellation): it never reaches a
+  replica. (A cancelled stream carries nothing back, hence not used for running jobs.) If the owner
+  goes away, Serve cancels the stream and the replica interrupts the job and waits for it, so a
+  replica never runs two jobs.
 - A replica that dies (killed, out of memory) breaks its stream with an actor error: the job is
   sent again, lands on another replica (Serve starts a new one in its place), the steps the owner
   already saw are not shown twice, and the progress line says "retrying on another worker";
@@ -36,6 +39,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +63,7 @@ RETRY_NOTE = "retrying on another worker"
 STATE_FIELDS = ("job", "job_count", "job_no", "sampling_step", "sampling_steps", "textinfo", "job_timestamp")
 WORKER_DEATH = (ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError)
 CANCELLED = (RequestCancelledError, TaskCancelledError, asyncio.CancelledError)
+SIGNALS_NAMESPACE = "serve"  # the replicas' namespace: they find the back-end's JobSignals actor by name
 
 
 class WorkerLost(UserError):
@@ -104,6 +109,10 @@ class SDWorker:
             model = await asyncio.to_thread(sd_models.load_model, model_id, **config["load_kwargs"])
             return _Loaded(model, model_id, self.loaded)
 
+        try:  # interrupt and skip of running jobs (JobSignals): the owner posts, the replica listens
+            self.signals = ray.get_actor(config["signals"], namespace=SIGNALS_NAMESPACE) if config.get("signals") else None
+        except ValueError:
+            self.signals = None
         self.get_model = serve.multiplexed(max_num_models_per_replica=int(config["models_per_worker"]))(load)
         if config.get("default_model_id"):
             await self.get_model(config["default_model_id"])  # loaded once, before the first job
@@ -112,8 +121,10 @@ class SDWorker:
         return {"id": self.id, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": self.device,
                 "checkpoints": [Path(m).name for m in self.loaded], "model_ids": list(self.loaded)}
 
-    async def run(self, job, vae: dict):
-        """Stream one job: ("started", info), ("step", StepInfo, state) per step, ("done", Processed, state, info)."""
+    async def run(self, job, vae: dict, token: str | None = None):
+        """Stream one job: ("started", info), ("step", StepInfo, state) per step, ("done", Processed, state, info).
+
+        Interrupt and skip of the job named `token` come from the backend's JobSignals actor while it runs."""
         from modules import processing, sd_vae
         from modules.job_state import JobState
 
@@ -130,6 +141,7 @@ class SDWorker:
             return
         yield ("started", self.info())
         state, loop, queue = JobState(), asyncio.get_running_loop(), asyncio.Queue()
+        listener = await self._listen(token, state)  # a skip pressed while the job waited applies before step 0
 
         def hook(info) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("step", _on_cpu(info), _fields(state)))
@@ -149,10 +161,84 @@ class SDWorker:
                 yield ("error", e)
                 return
             yield ("done", processed, _fields(state), self.info())
-        except asyncio.CancelledError:  # interrupt, skip, or the owner went away: stop the job, then free the replica
+        except asyncio.CancelledError:  # the owner went away (or cancelled as the job started): stop it, free the replica
             state.interrupt()
             await asyncio.wait([work])
             raise
+        finally:
+            if listener is not None:
+                listener.cancel()
+                self.signals.forget.remote(token)
+
+    async def _listen(self, token: str | None, state) -> asyncio.Task | None:
+        """Apply the job's signals posted so far, then a task applying each later one (None without signals)."""
+        if not token or self.signals is None:
+            return None
+
+        def apply(actions) -> None:
+            for action in actions:
+                if action == "interrupt":
+                    state.interrupt()
+                else:
+                    state.skip()
+
+        try:
+            apply(await self.signals.take.remote(token))
+        except RayActorError as e:  # the owner is gone: nobody can interrupt the job any more
+            log.debug("signals: %s", e)
+            return None
+
+        async def listen() -> None:
+            try:
+                while (actions := await self.signals.wait.remote(token)) is not None:
+                    apply(actions)
+            except RayActorError as e:
+                log.debug("signals: %s", e)
+
+        return asyncio.ensure_future(listen())
+
+
+@ray.remote(num_cpus=0)
+class JobSignals:
+    """Interrupt and skip of jobs on replicas: the owner posts an action for a job's token, the replica running
+    that job long-polls for it (one Ray actor per back-end, a few calls per job, nothing per step).
+
+    Serve's request cancellation is used for a job that still waits (it never reaches a replica), not for a
+    running one: a cancelled stream carries nothing back, so the interrupted job's image (in-process: the
+    last step's prediction) would be lost, and skip would end the whole job instead of the current batch."""
+
+    def __init__(self):
+        self.pending: dict[str, list[str]] = {}  # actions posted, not yet taken by the job's replica
+        self.events: dict[str, asyncio.Event] = {}
+
+    def _event(self, token: str) -> asyncio.Event:
+        return self.events.setdefault(token, asyncio.Event())
+
+    def post(self, token: str, action: str) -> None:
+        self.pending.setdefault(token, []).append(action)
+        self._event(token).set()
+
+    def take(self, token: str) -> list[str]:
+        """The actions posted so far (at the job's start: pressed while it waited)."""
+        self._event(token).clear()
+        return self.pending.pop(token, [])
+
+    async def wait(self, token: str) -> list[str] | None:
+        """The next actions posted for `token` (waits for one); None once the job is forgotten."""
+        event = self._event(token)
+        await event.wait()
+        event.clear()
+        return self.pending.pop(token, None) if token in self.events else None
+
+    def forget(self, token: str) -> None:
+        """The job ended: its waiting replica gets None, and nothing of it stays here."""
+        self.pending.pop(token, None)
+        event = self.events.pop(token, None)
+        if event is not None:
+            event.set()
+
+    def size(self) -> int:
+        return len(self.pending) + len(self.events)
 
 
 class _Loaded:
@@ -179,6 +265,9 @@ class _Flight:
     worker: dict | None = None  # the replica that took the current try
     submitted: float = 0.0
     cancelled: str | None = None  # why the owner cancelled the current try
+    token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # the job's name in JobSignals
+    interrupt_posted: bool = False
+    posted: bool = False  # anything posted for it (then forgotten when it ends)
 
 
 class RayBackend:
@@ -213,6 +302,8 @@ class RayBackend:
         else:
             options["num_replicas"] = int(workers or 1)
         serve.start(proxy_location="Disabled")
+        config["signals"] = f"{app_name}-signals-{uuid.uuid4().hex[:8]}"
+        self.signals = JobSignals.options(name=config["signals"], namespace=SIGNALS_NAMESPACE).remote()
         try:
             self.handle = serve.run(SDWorker.options(**options).bind(config), name=app_name, route_prefix=None)
         except Exception as e:  # noqa: BLE001 - Serve says why; app.py exits with it
@@ -252,11 +343,11 @@ class RayBackend:
         delivered, failures, note = 0, 0, None
         try:
             while True:
-                if state.interrupted or state.skipped:
+                if state.interrupted:
                     return self.stopped(travelling, state)
                 flight.worker, flight.cancelled, flight.submitted = None, None, time.time()
                 flight.response = self.handle.options(stream=True, multiplexed_model_id=model_id).run.remote(
-                    travelling, vae)
+                    travelling, vae, flight.token)
                 seen = 0
                 try:
                     for message in flight.response:
@@ -308,12 +399,15 @@ class RayBackend:
         finally:
             with self._lock:
                 self._flights.pop(id(flight), None)
+            if flight.posted:
+                self.signals.forget.remote(flight.token)
             if self.ctx.current_state is state:
                 self.ctx.current_state = None
             state.end()
 
     def stopped(self, job, state):
-        """What an interrupted job returns: its parameters, no images (the owner's model, nothing sampled)."""
+        """What a job interrupted before a replica took it returns: its parameters, no images (the owner's
+        model, nothing sampled), as in-process."""
         from modules import processing
 
         state.interrupt()
@@ -338,7 +432,8 @@ class RayBackend:
         return info
 
     def _watch(self) -> None:
-        """Interrupt and skip become cancellations of the job's request; a job no replica comes up for fails."""
+        """Interrupt and skip reach the job's replica (JobSignals); an interrupted job that still waits is cancelled
+        (it never reaches a replica); a job no replica comes up for fails."""
         while not self._closed:
             time.sleep(0.02)
             with self._lock:
@@ -346,8 +441,14 @@ class RayBackend:
             for f in flights:
                 if f.response is None or f.cancelled:
                     continue
-                if f.state.interrupted or f.state.skipped:
+                if f.state.skipped:  # each press ends one batch on the replica (it clears its own flag there)
+                    f.state.skipped = False
+                    self._post(f, "skip")
+                if f.state.interrupted and f.worker is None:
                     f.cancelled = "interrupt"
+                elif f.state.interrupted and not f.interrupt_posted:
+                    f.interrupt_posted = True
+                    self._post(f, "interrupt")
                 elif f.worker is None and time.time() - f.submitted > self.wait_for_workers_s:
                     status = self.status()
                     if status["running"] == 0:
@@ -358,6 +459,10 @@ class RayBackend:
                         f.response.cancel()
                     except Exception as e:  # noqa: BLE001 - best effort; the stream ends either way
                         log.debug("cancel: %s", e)
+
+    def _post(self, flight: _Flight, action: str) -> None:
+        flight.posted = True
+        self.signals.post.remote(flight.token, action)
 
     # -- operations ----------------------------------------------------------------------------
     def status(self) -> dict:
@@ -403,10 +508,11 @@ class RayBackend:
         return out
 
     def shutdown(self) -> None:
-        """Delete the workers (their GPUs go back to the cluster)."""
+        """Delete the workers (their GPUs go back to the cluster) and the signals actor."""
         self._closed = True
         try:
             serve.delete(self.app_name)
+            ray.kill(self.signals)
         except Exception as e:  # noqa: BLE001
             log.debug("serve.delete: %s", e)
 
