@@ -1,7 +1,7 @@
 """The Ray Serve back-end on loopback: a real local Ray instance, 2 CPU replicas, tiny models.
 
-One Ray instance, one deployment and one API server (uvicorn in a thread of this process, the
-Ray driver) for the whole module: starting Ray and its replicas is most of this module's time.
+One Ray instance, one deployment and one server, the page and the API (uvicorn in a thread of this
+process, the Ray driver), for the whole module: starting Ray and its replicas is most of its time.
 Every image is compared, bit for bit, with the same job run in-process on the same model.
 """
 from __future__ import annotations
@@ -86,11 +86,14 @@ def in_process(local, req: dict, checkpoint: str | None = None):
 
 
 def on_ray(ctx, req: dict, state=None, hooks=(), checkpoint: str | None = None):
+    """The job through the Ray back-end, in a thread of its own (a Serve handle refuses to stream in a thread
+    with a running asyncio loop, as the main one has once the browser fixture's Playwright started)."""
     from webui import jobs
 
     if checkpoint:
         req = {**req, "override_settings": {"sd_model_checkpoint": checkpoint}}
-    return jobs.run_job(ctx, jobs.make_job("txt2img", req, ctx), state, hooks)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(jobs.run_job, ctx, jobs.make_job("txt2img", req, ctx), state, hooks).result()
 
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:
@@ -283,6 +286,12 @@ def test_skip_ends_the_current_batch_only_as_in_process(cluster):
     full = in_process(local, req)  # and not the unskipped job: batch 1 differs, batch 2 is the same
     assert not np.array_equal(pixels(processed.images[0]), pixels(full.images[0]))
     assert np.array_equal(pixels(processed.images[1]), pixels(full.images[1]))
+    import ray
+
+    deadline = time.time() + 10  # the signals of ended jobs are forgotten (the owner's and the replica's calls)
+    while ray.get(ctx.backend.signals.size.remote()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert ray.get(ctx.backend.signals.size.remote()) == 0
 
 
 def test_checkpoints_run_on_the_replicas_that_hold_them(cluster):

@@ -238,6 +238,7 @@ class JobSignals:
             event.set()
 
     def size(self) -> int:
+        """How many jobs it holds anything for (0 once every job has ended: nothing stays behind)."""
         return len(self.pending) + len(self.events)
 
 
