@@ -141,7 +141,7 @@ class SDWorker:
             return
         yield ("started", self.info())
         state, loop, queue = JobState(), asyncio.get_running_loop(), asyncio.Queue()
-        listener = await self._listen(token, state)  # a skip pressed while the job waited applies before step 0
+        listener = self._listen(token, state)
 
         def hook(info) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("step", _on_cpu(info), _fields(state)))
@@ -170,29 +170,21 @@ class SDWorker:
                 listener.cancel()
                 self.signals.forget.remote(token)
 
-    async def _listen(self, token: str | None, state) -> asyncio.Task | None:
-        """Apply the job's signals posted so far, then a task applying each later one (None without signals)."""
+    def _listen(self, token: str | None, state) -> asyncio.Task | None:
+        """A task applying each signal posted for the job to its JobState (None without signals). Not awaited:
+        a job starts at once; one pressed while it waited arrives with the first answer, within its first step."""
         if not token or self.signals is None:
-            return None
-
-        def apply(actions) -> None:
-            for action in actions:
-                if action == "interrupt":
-                    state.interrupt()
-                else:
-                    state.skip()
-
-        try:
-            apply(await self.signals.take.remote(token))
-        except RayActorError as e:  # the owner is gone: nobody can interrupt the job any more
-            log.debug("signals: %s", e)
             return None
 
         async def listen() -> None:
             try:
                 while (actions := await self.signals.wait.remote(token)) is not None:
-                    apply(actions)
-            except RayActorError as e:
+                    for action in actions:
+                        if action == "interrupt":
+                            state.interrupt()
+                        else:
+                            state.skip()
+            except RayActorError as e:  # the owner is gone: nobody can interrupt the job any more
                 log.debug("signals: %s", e)
 
         return asyncio.ensure_future(listen())
@@ -218,13 +210,8 @@ class JobSignals:
         self.pending.setdefault(token, []).append(action)
         self._event(token).set()
 
-    def take(self, token: str) -> list[str]:
-        """The actions posted so far (at the job's start: pressed while it waited)."""
-        self._event(token).clear()
-        return self.pending.pop(token, [])
-
     async def wait(self, token: str) -> list[str] | None:
-        """The next actions posted for `token` (waits for one); None once the job is forgotten."""
+        """The actions posted for `token` and not yet taken (waits for one); None once the job is forgotten."""
         event = self._event(token)
         await event.wait()
         event.clear()
