@@ -26,9 +26,9 @@ from tests.server import REPO, free_port
 from tests.tiny_sd import build_tiny_sd
 
 STEPS = 8
-SCALE_STEPS = 4  # the scale test's jobs: few steps, 64x64, the tiny model
+SCALE_STEPS = 2  # the scale test's jobs: few steps, 64x64, the tiny model
 API_JOBS, CLIENTS = 38, 8  # with the 2 page sessions' jobs: the issue's 40 jobs
-PAGE_STEPS = (5, 7)  # each page session its own step count: another's previews would show the wrong "Step i/N"
+PAGE_STEPS = (3, 5)  # each page session its own step count: another's previews would show the wrong "Step i/N"
 
 
 def request(seed: int, steps: int = STEPS, **extra) -> dict:
@@ -345,10 +345,10 @@ def test_sigkill_mid_job_retries_on_the_other_replica_with_the_same_image(cluste
     (new,) = after - before
     assert after - {new} == before - {victim["id"]}
     with ThreadPoolExecutor(2) as pool:  # two jobs at once: one on each replica, the new one too
-        both = list(pool.map(lambda seed: on_ray(ctx, request(seed, steps=30)), (79, 80)))
+        both = list(pool.map(lambda seed: on_ray(ctx, request(seed)), (79, 80)))
     assert {p.worker for p in both} == after
     for seed, p in zip((79, 80), both):
-        assert np.array_equal(pixels(p.images[0]), pixels(in_process(local, request(seed, steps=30)).images[0]))
+        assert np.array_equal(pixels(p.images[0]), pixels(in_process(local, request(seed)).images[0]))
     # a job whose worker dies on its last try fails with a clear message; the server keeps serving
     ctx.backend.max_retries = 0
     try:
