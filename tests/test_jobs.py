@@ -39,6 +39,24 @@ CHANGES = {
     "nag_start": (0.1, 0.1),
     "nag_end": (0.9, 0.9),
     "negative_report": (True, True),
+    # the guidance rules' own fields (shown with their rule, webui/ui_guidance.py)
+    "dng_scale": (8.0, 8.0),
+    "dng_prior": (0.05, 0.05),
+    "dng_temperature": (0.5, 0.5),
+    "dng_offset": (0.001, 0.001),
+    "dng_p_min": (1e-5, 1e-5),
+    "dng_p_max": (0.9, 0.9),
+    "nag_follows_dng": (True, True),
+    "apg_eta": (0.5, 0.5),
+    "apg_norm_threshold": (10.0, 10.0),
+    "apg_momentum": (-0.25, -0.25),
+    "dynthres_mimic_scale": (5.0, 5.0),
+    "dynthres_threshold_percentile": (0.95, 0.95),
+    "dynthres_mimic_mode": ("Linear Down", "Linear Down"),
+    "dynthres_mimic_scale_min": (1.0, 1.0),
+    "dynthres_cfg_mode": ("Cosine Up", "Cosine Up"),
+    "dynthres_cfg_scale_min": (2.0, 2.0),
+    "dynthres_sched_val": (4.0, 4.0),
     # the hires fix accordion (each tested with the hires fix on)
     "enable_hr": (True, True),
     "hr_upscaler": ("Latent (nearest)", "Latent (nearest)"),
@@ -185,6 +203,22 @@ def test_page_and_api_make_the_same_job_with_everything_changed(doors):
     assert page.p == api_.p
     assert page.p.guidance_interval == (0.1, 0.8) and page.p.steps == 7 and isinstance(page.p.steps, int)
     assert page.p.enable_hr and page.p.hr_cfg == 5.0 and page.p.hr_second_pass_steps == 3
+
+
+def test_rule_controls_start_at_the_apis_defaults(doors):
+    """Untouched, the rules' own controls give the job the API makes without those fields (and each rule field
+    has a control)."""
+    from modules import sd_guidance
+
+    ctx, controls, api = doors
+    defaults = sd_guidance.RuleParams()
+    values = page_values(controls)
+    names = [name for rule_fields in sd_guidance.RULE_FIELDS.values() for name in rule_fields]
+    assert {n: values[n] for n in names} == {n: getattr(defaults, n) for n in names}
+    body = {k: v for k, v in page_defaults_as_json(controls).items() if k not in names}
+    page = page_job(ctx, controls, {"guidance": ("Dynamic negative", None)})
+    api_ = api.job("txt2img", api.Txt2ImgRequest.model_validate({**body, "guidance": "Dynamic negative"}))
+    assert page.p == api_.p
 
 
 def test_page_hires_defaults_mean_the_first_pass(doors):
