@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from modules import cmd_args
+from modules import cmd_args, sd_guidance
 from modules.errors import InvalidParameter
 from webui import jobs
 
@@ -208,8 +208,6 @@ def test_page_and_api_make_the_same_job_with_everything_changed(doors):
 def test_rule_controls_start_at_the_apis_defaults(doors):
     """Untouched, the rules' own controls give the job the API makes without those fields (and each rule field
     has a control)."""
-    from modules import sd_guidance
-
     ctx, controls, api = doors
     defaults = sd_guidance.RuleParams()
     values = page_values(controls)
@@ -219,6 +217,35 @@ def test_rule_controls_start_at_the_apis_defaults(doors):
     page = page_job(ctx, controls, {"guidance": ("Dynamic negative", None)})
     api_ = api.job("txt2img", api.Txt2ImgRequest.model_validate({**body, "guidance": "Dynamic negative"}))
     assert page.p == api_.p
+
+
+RULE_CHANGES = {rule: {name: CHANGES[name][1] for name in names} for rule, names in sd_guidance.RULE_FIELDS.items()}
+
+
+@pytest.mark.parametrize("rule", sorted(RULE_CHANGES))
+def test_pasted_infotext_fills_the_rule_controls_and_makes_the_apis_job(doors, rule):
+    """PNG Info's / the result's "send to": an infotext with a rule's fields sets the rule dropdown and each of
+    the rule's controls; the page's job is then the API's job sent that infotext."""
+    from modules.processing import StableDiffusionProcessingTxt2Img
+    from webui.ui import page_job as make
+    from webui.ui_img2img import control_updates
+
+    ctx, controls, api = doors
+    changed = RULE_CHANGES[rule]
+    params = sd_guidance.infotext_params(StableDiffusionProcessingTxt2Img(guidance=rule, **changed))
+    text = ("a red circle\nNegative prompt: blue\nSteps: 4, Sampler: DDIM, CFG scale: 7, Seed: 5, Size: 64x64, "
+            f"Guidance: {rule}, " + ", ".join(f"{k}: {v}" for k, v in params.items()))
+    updates = control_updates(text, controls)
+    assert updates[controls["guidance"]] == rule
+    assert {name: updates[controls[name]] for name in changed} == changed
+    values = {**page_values(controls), **{name: updates[c] for name, c in controls.items() if c in updates}}
+    body = {k: v for k, v in page_defaults_as_json(controls).items() if k not in ("prompt", "negative_prompt")}
+    for name in (*sd_guidance.RuleParams.__dataclass_fields__, "guidance", "steps", "seed", "width", "height",
+                 "cfg_scale", "sampler_name"):
+        body.pop(name, None)
+    page, api_ = make(ctx, values), api.job("txt2img", api.Txt2ImgRequest.model_validate({**body, "infotext": text}))
+    assert page.p == api_.p
+    assert page.p.guidance == rule and {name: getattr(page.p, name) for name in changed} == changed
 
 
 def test_page_hires_defaults_mean_the_first_pass(doors):
