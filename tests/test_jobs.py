@@ -424,6 +424,12 @@ def test_page_job_refuses_what_the_api_refuses(doors):
         make(ctx, {**values, "steps": 2.5})
     with pytest.raises(InvalidParameter, match="width is empty"):
         make(ctx, {**values, "width": None})
+    with pytest.raises(InvalidParameter, match="dng_prior is empty") as e:  # a rule's number box, emptied
+        make(ctx, {**values, "guidance": "Dynamic negative", "dng_prior": None})
+    assert e.value.field == "dng_prior"
+    with pytest.raises(InvalidParameter, match="dng_prior must lie between dng_p_min and dng_p_max") as e:
+        make(ctx, {**values, "guidance": "Dynamic negative", "dng_prior": 0.95})
+    assert e.value.field == "dng_prior"
     with pytest.raises(InvalidParameter) as e:
         make(ctx, {**values, "width": 100.0})
     assert e.value.field == "width"
