@@ -47,7 +47,7 @@ HELP = {
 }
 
 
-def default(name: str):
+def default(name: str) -> object:
     """The API's default of a rule field (a job that leaves it out gets this)."""
     return next(f.default for f in dataclass_fields(sd_guidance.RuleParams) if f.name == name)
 
