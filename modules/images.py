@@ -159,6 +159,11 @@ INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "APG momentum": ("apg_momentum", float),
     "dynthres_mimic_scale": ("dynthres_mimic_scale", float),
     "dynthres_threshold_percentile": ("dynthres_threshold_percentile", float),
+    "dynthres_mimic_mode": ("dynthres_mimic_mode", str),
+    "dynthres_mimic_scale_min": ("dynthres_mimic_scale_min", float),
+    "dynthres_cfg_mode": ("dynthres_cfg_mode", str),
+    "dynthres_cfg_scale_min": ("dynthres_cfg_scale_min", float),
+    "dynthres_sched_val": ("dynthres_sched_val", float),
     # img2img, inpainting, hires fix, tiling (AUTOMATIC1111's keys; "Hires resize" WxH parses as -1 / -2)
     "Denoising strength": ("denoising_strength", float),
     "Mask blur": ("mask_blur", int),

@@ -311,3 +311,20 @@ def test_infotext_params_of_the_new_fields():
     assert params["APG eta"] == "0.5" and params["NAG scale"] == "3" and "NAG tau" in params
     assert "DNG scale" not in params
     assert sd_guidance.infotext_params(StableDiffusionProcessingTxt2Img()) == {}
+
+
+@pytest.mark.parametrize("rule", sorted(sd_guidance.RULE_FIELDS))
+def test_every_rule_field_round_trips_through_the_infotext(tiny_model, rule):
+    """Each field of the picked rule is written to the infotext and read back to the same value (what PNG Info's
+    "send to" and the API's `infotext` fill the job with)."""
+    changed = {"Dynamic negative": dict(dng_scale=8.0, dng_prior=0.05, dng_temperature=0.5, dng_offset=0.001,
+                                        dng_p_min=1e-5, dng_p_max=0.9, nag_follows_dng=True),
+               "APG": dict(apg_eta=0.5, apg_norm_threshold=10.0, apg_momentum=-0.25),
+               "Dynamic thresholding": dict(dynthres_mimic_scale=5.0, dynthres_threshold_percentile=0.95,
+                                            dynthres_mimic_mode="Half Cosine Down", dynthres_mimic_scale_min=1.0,
+                                            dynthres_cfg_mode="Power Up", dynthres_cfg_scale_min=2.0,
+                                            dynthres_sched_val=4.0)}[rule]
+    assert set(changed) == set(sd_guidance.RULE_FIELDS[rule])
+    text = run(tiny_model, batch_size=1, steps=2, guidance=rule, **changed).infotexts[0]
+    parsed = images.infotext_to_fields(images.parse_generation_parameters(text))
+    assert parsed["guidance"] == rule and {k: parsed.get(k) for k in changed} == changed, text

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from modules import cmd_args
+from modules import cmd_args, sd_guidance
 from modules.errors import InvalidParameter
 from webui import jobs
 
@@ -39,6 +39,24 @@ CHANGES = {
     "nag_start": (0.1, 0.1),
     "nag_end": (0.9, 0.9),
     "negative_report": (True, True),
+    # the guidance rules' own fields (shown with their rule, webui/ui_guidance.py)
+    "dng_scale": (8.0, 8.0),
+    "dng_prior": (0.05, 0.05),
+    "dng_temperature": (0.5, 0.5),
+    "dng_offset": (0.001, 0.001),
+    "dng_p_min": (1e-5, 1e-5),
+    "dng_p_max": (0.9, 0.9),
+    "nag_follows_dng": (True, True),
+    "apg_eta": (0.5, 0.5),
+    "apg_norm_threshold": (10.0, 10.0),
+    "apg_momentum": (-0.25, -0.25),
+    "dynthres_mimic_scale": (5.0, 5.0),
+    "dynthres_threshold_percentile": (0.95, 0.95),
+    "dynthres_mimic_mode": ("Linear Down", "Linear Down"),
+    "dynthres_mimic_scale_min": (1.0, 1.0),
+    "dynthres_cfg_mode": ("Cosine Up", "Cosine Up"),
+    "dynthres_cfg_scale_min": (2.0, 2.0),
+    "dynthres_sched_val": (4.0, 4.0),
     # the hires fix accordion (each tested with the hires fix on)
     "enable_hr": (True, True),
     "hr_upscaler": ("Latent (nearest)", "Latent (nearest)"),
@@ -185,6 +203,49 @@ def test_page_and_api_make_the_same_job_with_everything_changed(doors):
     assert page.p == api_.p
     assert page.p.guidance_interval == (0.1, 0.8) and page.p.steps == 7 and isinstance(page.p.steps, int)
     assert page.p.enable_hr and page.p.hr_cfg == 5.0 and page.p.hr_second_pass_steps == 3
+
+
+def test_rule_controls_start_at_the_apis_defaults(doors):
+    """Untouched, the rules' own controls give the job the API makes without those fields (and each rule field
+    has a control)."""
+    ctx, controls, api = doors
+    defaults = sd_guidance.RuleParams()
+    values = page_values(controls)
+    names = [name for rule_fields in sd_guidance.RULE_FIELDS.values() for name in rule_fields]
+    assert {n: values[n] for n in names} == {n: getattr(defaults, n) for n in names}
+    body = {k: v for k, v in page_defaults_as_json(controls).items() if k not in names}
+    page = page_job(ctx, controls, {"guidance": ("Dynamic negative", None)})
+    api_ = api.job("txt2img", api.Txt2ImgRequest.model_validate({**body, "guidance": "Dynamic negative"}))
+    assert page.p == api_.p
+
+
+RULE_CHANGES = {rule: {name: CHANGES[name][1] for name in names} for rule, names in sd_guidance.RULE_FIELDS.items()}
+
+
+@pytest.mark.parametrize("rule", sorted(RULE_CHANGES))
+def test_pasted_infotext_fills_the_rule_controls_and_makes_the_apis_job(doors, rule):
+    """PNG Info's / the result's "send to": an infotext with a rule's fields sets the rule dropdown and each of
+    the rule's controls; the page's job is then the API's job sent that infotext."""
+    from modules.processing import StableDiffusionProcessingTxt2Img
+    from webui.ui import page_job as make
+    from webui.ui_img2img import control_updates
+
+    ctx, controls, api = doors
+    changed = RULE_CHANGES[rule]
+    params = sd_guidance.infotext_params(StableDiffusionProcessingTxt2Img(guidance=rule, **changed))
+    text = ("a red circle\nNegative prompt: blue\nSteps: 4, Sampler: DDIM, CFG scale: 7, Seed: 5, Size: 64x64, "
+            f"Guidance: {rule}, " + ", ".join(f"{k}: {v}" for k, v in params.items()))
+    updates = control_updates(text, controls)
+    assert updates[controls["guidance"]] == rule
+    assert {name: updates[controls[name]] for name in changed} == changed
+    values = {**page_values(controls), **{name: updates[c] for name, c in controls.items() if c in updates}}
+    body = {k: v for k, v in page_defaults_as_json(controls).items() if k not in ("prompt", "negative_prompt")}
+    for name in (*sd_guidance.RuleParams.__dataclass_fields__, "guidance", "steps", "seed", "width", "height",
+                 "cfg_scale", "sampler_name"):
+        body.pop(name, None)
+    page, api_ = make(ctx, values), api.job("txt2img", api.Txt2ImgRequest.model_validate({**body, "infotext": text}))
+    assert page.p == api_.p
+    assert page.p.guidance == rule and {name: getattr(page.p, name) for name in changed} == changed
 
 
 def test_page_hires_defaults_mean_the_first_pass(doors):
@@ -363,6 +424,12 @@ def test_page_job_refuses_what_the_api_refuses(doors):
         make(ctx, {**values, "steps": 2.5})
     with pytest.raises(InvalidParameter, match="width is empty"):
         make(ctx, {**values, "width": None})
+    with pytest.raises(InvalidParameter, match="dng_prior is empty") as e:  # a rule's number box, emptied
+        make(ctx, {**values, "guidance": "Dynamic negative", "dng_prior": None})
+    assert e.value.field == "dng_prior"
+    with pytest.raises(InvalidParameter, match="dng_prior must lie between dng_p_min and dng_p_max") as e:
+        make(ctx, {**values, "guidance": "Dynamic negative", "dng_prior": 0.95})
+    assert e.value.field == "dng_prior"
     with pytest.raises(InvalidParameter) as e:
         make(ctx, {**values, "width": 100.0})
     assert e.value.field == "width"

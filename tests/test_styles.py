@@ -203,3 +203,29 @@ def test_save_style_from_the_page_refuses_bad_names_and_writes_atomically(tmp_pa
         pass
     assert "Another" not in db.styles and "Another" not in StyleDatabase([f]).styles
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_token_counter_counts_the_prompt_with_the_selected_styles(tiny_model, tmp_path):
+    """The page's counters (AUTOMATIC1111's update_token_counter): a style that adds N tokens to the prompt
+    or the negative prompt raises that box's count by N; a style that is not selected, or not known, adds none."""
+    from webui.ui_common import token_counter
+
+    db = StyleDatabase(write(tmp_path / "styles.csv", 'name,prompt,negative_prompt\n'
+                                                      'Sharp,"{prompt}, sharp focus","blurry, lowres"\n'
+                                                      'Frame,"photo of {prompt}, detailed",\n'))
+    assert token_counter(tiny_model, "a red circle", 20, True, [], db) == "3/75"
+    assert token_counter(tiny_model, "a red circle", 20, True, ["Sharp"], db) == "6/75"  # + ", sharp focus"
+    both = token_counter(tiny_model, "a red circle", 20, True, ["Sharp", "Frame"], db)
+    assert both == "10/75"  # + "photo of", ", detailed"
+    assert token_counter(tiny_model, "a red circle", 20, True, ["Sharp"], None) == "3/75"  # the option off: no db
+    assert token_counter(tiny_model, "a red circle", 20, True, ["Nope"], db) == "3/75"
+    assert token_counter(tiny_model, "blue", 20, False, [], db) == "1/75"
+    assert token_counter(tiny_model, "blue", 20, False, ["Sharp"], db) == "6/75"  # + ", blurry, low res"
+    assert token_counter(tiny_model, "", 20, False, ["Sharp"], db) == "4/75"  # the style's own text
+    assert token_counter(tiny_model, "blue", 20, False, ["Frame"], db) == "1/75"  # Frame has no negative
+    # the counter counts what the job encodes: the job layer's expansion, token for token
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="a red circle", negative_prompt="blue",
+                                                    styles=["Sharp", "Frame"])
+    db.apply_to_job(p)
+    assert tiny_model.cond_stage.count_tokens(p.prompt) == (10, 75)
+    assert tiny_model.cond_stage.count_tokens(p.negative_prompt) == (6, 75)

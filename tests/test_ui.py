@@ -104,8 +104,9 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     model = build_tiny_sd(root / "models" / "tiny-sd")
     make_extras(root)
-    srv = start_server(model, "--outdir-samples", str(root / "outputs"), "--styles-file", str(root / "styles.csv"),
-                       "--embeddings-dir", str(root / "embeddings"), "--lora-dir", str(root / "Lora"))
+    srv = start_server(model, "--api", "--outdir-samples", str(root / "outputs"),  # the API: page = API tests
+                       "--styles-file", str(root / "styles.csv"), "--embeddings-dir", str(root / "embeddings"),
+                       "--lora-dir", str(root / "Lora"))
     srv.outdir, srv.root = root / "outputs", root
     yield srv
     srv.stop()
@@ -443,7 +444,8 @@ def test_styles_and_extra_networks_panel(browser, server):
     """Extra networks cards insert into the prompt, or the negative prompt when it was focused last (embeddings;
     a LoRA always into the prompt, as AUTOMATIC1111), a second click takes the text out, search filters; the
     Styles multi-select reaches the job (its text in the infotext), Apply writes the boxes, Save writes
-    styles.csv and refuses a bad name; a skipped embedding and an unknown style are warnings on the page."""
+    styles.csv and refuses a bad name; a skipped embedding and an unknown style are warnings on the page; the token
+    counters count the prompts with the chosen styles applied."""
     page = open_page(browser, server)
     prompt, negative = "#txt2img_prompt textarea", "#txt2img_neg_prompt textarea"
     page.fill(prompt, "a red circle")
@@ -472,9 +474,15 @@ def test_styles_and_extra_networks_panel(browser, server):
     # a style chosen in the multi-select goes with the job, through the job layer
     page.fill(prompt, "a red circle, wide")
     page.fill(negative, "blue")
+    page.wait_for_function("document.querySelector('#txt2img_token_counter').innerText.trim() === '5/75'")
     page.click("#txt2img_styles input")
     page.get_by_role("option", name="Shiny").click()
     page.wait_for_function("document.querySelector('#txt2img_styles').innerText.includes('Shiny')")
+    # the token counters count the prompts with the style applied, as the job encodes them: Shiny adds ", shiny"
+    # (2 tokens) to "a red circle, wide" (5) and ", tinyneg, dull" (1 + 2 vectors + 1 + 1) to "blue" (1)
+    counted = "([id, want]) => document.querySelector('#' + id).innerText.trim() === want"
+    page.wait_for_function(counted, arg=["txt2img_token_counter", "7/75"])
+    page.wait_for_function(counted, arg=["txt2img_negative_token_counter", "6/75"])
     set_number(page, "txt2img_steps", 2)
     page.click("#txt2img_generate")
     wait_progress(page, "^Done")
@@ -485,6 +493,8 @@ def test_styles_and_extra_networks_panel(browser, server):
     page.click("#txt2img_style_apply")
     page.wait_for_function("s => document.querySelector(s).value.endsWith(', shiny')", arg=prompt)
     assert page.input_value(negative) == "blue, tinyneg, dull"
+    page.wait_for_function(counted, arg=["txt2img_token_counter", "7/75"])  # the same text, now in the boxes
+    page.wait_for_function(counted, arg=["txt2img_negative_token_counter", "6/75"])
     # Save: a bad name is refused, a good one written to styles.csv
     styles_file = server.root / "styles.csv"
     page.fill("#txt2img_style_name input, #txt2img_style_name textarea", "#hidden")
@@ -500,3 +510,68 @@ def test_styles_and_extra_networks_panel(browser, server):
 
     assert StyleDatabase([styles_file]).styles["Mine"][1:3] == ("a red circle, wide, shiny", "blue, tinyneg, dull")
     page.context.close()
+
+
+def pick(page, dropdown: str, option: str) -> None:
+    """Choose `option` in a Gradio dropdown (`#<dropdown> input`, then the listed option)."""
+    page.click(f"#{dropdown} input")
+    page.get_by_role("option", name=option, exact=True).click()
+    page.wait_for_function("([id, v]) => document.querySelector('#' + id + ' input').value === v",
+                           arg=[dropdown, option])
+
+
+def api_pixels(server, body: dict):
+    """The first image of an API txt2img job on the same server, as the page's pixels are read (RGB floats)."""
+    import base64
+    import io
+    import json
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+
+    request = urllib.request.Request(server.url + "/sdapi/v1/txt2img", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        data = json.load(response)
+    png = base64.b64decode(data["images"][0])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32), json.loads(data["info"])
+
+
+def test_rule_controls_show_with_their_rule_and_make_the_apis_image(browser, server):
+    """Dynamic negative's, APG's and Dynamic thresholding's controls show only while their rule is picked; a
+    changed one reaches the job (its infotext) and the page's image is the API's with the same fields, bit for bit."""
+    import numpy as np
+
+    page = open_page(browser, server)
+    page.click("#txt2img_negative_guidance .label-wrap")
+    groups = {"Dynamic negative": "#txt2img_guidance_dng", "APG": "#txt2img_guidance_apg",
+              "Dynamic thresholding": "#txt2img_guidance_dynthres"}
+    page.wait_for_selector("#txt2img_guidance", state="visible")
+    for selector in groups.values():  # CFG: none of them
+        page.wait_for_selector(selector, state="hidden")
+    for rule in ("APG", "Dynamic thresholding", "Dynamic negative"):  # each shows its own group and hides the others
+        selector = groups[rule]
+        pick(page, "txt2img_guidance", rule)
+        page.wait_for_selector(selector, state="visible")
+        for other in set(groups.values()) - {selector}:
+            page.wait_for_selector(other, state="hidden")
+    assert page.input_value("#txt2img_dng_scale input[type=number]") == "5"  # the API's default
+    set_number(page, "txt2img_dng_scale", 8)
+    fill_job(page, "a red circle", "blue square", steps=5, seed=4321)
+    page.click("#txt2img_generate")
+    wait_progress(page, "^Done")
+    info = page.inner_text("#html_info_txt2img")
+    assert "Guidance: Dynamic negative" in info and "DNG scale: 8" in info and "DNG prior: 0.01" in info, info
+    shown = result_pixels(page, "txt2img")
+    body = {"prompt": "a red circle", "negative_prompt": "blue square", "steps": 5, "seed": 4321,
+            "sampler_name": "DDIM", "guidance": "Dynamic negative", "dng_scale": 8}
+    expected, api_info = api_pixels(server, body)
+    assert "Guidance: Dynamic negative" in api_info["infotexts"][0] and "DNG scale: 8" in api_info["infotexts"][0]
+    assert np.array_equal(shown, expected)
+    assert not np.array_equal(shown, api_pixels(server, {**body, "dng_scale": 5})[0])  # the 8 did act
+    pick(page, "txt2img_guidance", "CFG")
+    for selector in groups.values():
+        page.wait_for_selector(selector, state="hidden")
+    page.context.close()
+

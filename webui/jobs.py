@@ -456,7 +456,7 @@ def page_request(values: dict[str, Any], options: dict) -> dict:
             request[name] = value
     for name, items in parts.items():
         request[name] = [items[i] for i in sorted(items)]
-    for name in ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "clip_skip"):
+    for name in PAGE_NUMBER_BOXES:  # an emptied box is a mistake to name, not "leave it at the default"
         if name in request and request[name] is None:
             raise InvalidParameter(f"{name} is empty", field=name)
     for name, same in PAGE_SAME.items():  # "Use same sampler", a hires CFG of 0: the first pass's (None)
@@ -485,6 +485,10 @@ IMG2IMG_MODE = "img2img_mode"
 IMG2IMG_MODES = ("img2img", "inpaint", "inpaint_upload")  # AUTOMATIC1111's sub-tab ids
 PAGE_IMAGES = ("init_img", "init_img_with_mask", "init_img_inpaint", "init_mask_inpaint")
 PAGE_SAME = {"hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler", "hr_cfg": 0}
+# The page's number boxes (Gradio gives None for an emptied one): the job's sizes and seeds, and the guidance rules'
+# fields too finely placed for a slider (webui/ui_guidance.py).
+PAGE_NUMBER_BOXES = ("steps", "width", "height", "batch_size", "n_iter", "seed", "subseed", "clip_skip",
+                     "dng_prior", "dng_offset", "dng_p_min", "dng_p_max")
 # The page's radios show labels; the fields hold their index (AUTOMATIC1111's `type="index"` radios).
 PAGE_CHOICES: dict[str, tuple[str, ...]] = {
     "resize_mode": tuple(processing.RESIZE_MODES),

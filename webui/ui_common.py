@@ -201,25 +201,21 @@ def scheduler_labels() -> list[str]:
     return [s.label for s in sd_samplers.all_schedulers]
 
 
-def token_counter(model, text: str, steps: int = 20, positive: bool = True) -> str:
-    """`used/available` as AUTOMATIC1111 counts: per AND part and per schedule entry (prompt editing,
-    alternation), the largest; `<lora:...>` tags are not tokens; BREAK and embeddings count as encoded."""
-    from modules import prompt_parser
+def token_counter(model, text: str, steps: int = 20, positive: bool = True, styles: list[str] | None = None,
+                  style_db=None) -> str:
+    """`used/available` as AUTOMATIC1111's update_token_counter counts (modules/extra_networks.count_prompt_tokens):
+    the selected `styles` applied first when a StyleDatabase is given (what the job will encode), then per AND
+    part and per schedule entry (prompt editing, alternation) the largest; `<lora:...>` tags are not tokens;
+    BREAK and embeddings count as encoded."""
+    from modules import extra_networks
 
-    if model is None or not text:
+    if model is None:
         return "0/75"
     try:
         steps = max(1, int(steps or 20))
-        parts = prompt_parser.get_multicond_prompt_list([text])[1] if positive else [text]
-        try:
-            from modules import extra_networks
-
-            parts = [extra_networks.parse_prompt(part)[0] for part in parts]
-        except ImportError:
-            pass
-        schedules = prompt_parser.get_learned_conditioning_prompt_schedules(parts, steps)
-        texts = {entry_text for schedule in schedules for _, entry_text in schedule}
-        return "%d/%d" % max(model.cond_stage.count_tokens(t) for t in texts)
+        used, available = extra_networks.count_prompt_tokens(model, text or "", steps, list(styles or []), style_db,
+                                                             is_positive=positive)
+        return "%d/%d" % (used, available)
     except Exception as e:  # a counter must never break typing
         log.warning("token count failed: %s: %s", type(e).__name__, e)
         return ""

@@ -234,10 +234,19 @@ def wire_job_tab(ctx, tab: JobTab, sessions, inspections, work_root: Path) -> Ge
         control.change(estimate, [f[n] for n in handler.field_names], tab.estimate, queue=False,
                        show_progress="hidden", trigger_mode="always_last")
 
+    def count(text, steps, styles, positive):
+        """The box's tokens with the selected styles applied (unless the option says not to), as the job encodes it."""
+        with_styles = ctx.options.get("include_styles_into_token_counters", True)
+        db = getattr(ctx, "styles", None) if with_styles else None
+        return token_counter(ctx.model, text, steps, positive, styles, db)
+
+    styles = f.get("styles")
     for box, counter, positive in ((f["prompt"], tab.prompt_tokens, True),
                                    (f["negative_prompt"], tab.negative_tokens, False)):
-        box.change(lambda text, steps, positive=positive: token_counter(ctx.model, text, steps, positive),
-                   [box, f["steps"]], counter, queue=False, show_progress="hidden")
+        gr.on([box.change, *([styles.change] if styles is not None else [])],
+              lambda text, steps, chosen=None, positive=positive: count(text, steps, chosen, positive),
+              [box, f["steps"], *([styles] if styles is not None else [])], counter, queue=False,
+              show_progress="hidden")
     return handler
 
 

@@ -17,6 +17,7 @@ from modules.scripts import XYZ_PLOT, xyz_grid
 from webui import compare, inspector, previews, ui_hires, ui_img2img
 from webui.ui_common import preview_label, progress_html, scheduler_labels
 from webui.ui_extra_networks import build_extra_networks
+from webui.ui_guidance import build_rule_controls
 from webui.ui_styles import build_styles
 
 NEGATIVE_GUIDANCE_HELP = """\
@@ -26,7 +27,8 @@ remove it (per channel / per pixel: the projection taken per latent channel or s
 **Negative weight**: 0 = no negative, 1 = as written, >1 stronger. **Negative start/end**: the fraction of the steps
 in which the negative acts (late negatives keep the composition). **Guidance interval**: guidance only in this part
 of the steps, scale 1 elsewhere. **CFG rescale**: tames the over-saturation of high CFG. **NGMS**: skip the negative
-pass on odd steps once the noise level falls below this sigma (faster)."""
+pass on odd steps once the noise level falls below this sigma (faster). **Dynamic negative**, **APG** and
+**Dynamic thresholding** show their own settings below when picked."""
 
 
 @dataclass
@@ -147,6 +149,7 @@ def build_guidance_accordion(ctx, kind: str, fields: dict) -> None:
         with gr.Row():
             fields["nag_start"] = gr.Slider(0, 1, value=0, step=0.05, label="NAG start", elem_id=f"{kind}_nag_start")
             fields["nag_end"] = gr.Slider(0, 1, value=1, step=0.05, label="NAG end", elem_id=f"{kind}_nag_end")
+        build_rule_controls(kind, fields, fields["guidance"])  # the picked rule's own fields, shown with it
         fields["negative_report"] = gr.Checkbox(value=False, label="After the job: the model's own verdict on whether "
                                                 "each image still shows the negative prompt",
                                                 elem_id=f"{kind}_negative_report")
