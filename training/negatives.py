@@ -112,12 +112,17 @@ SETTINGS: dict[str, dict] = {
         "dng_p_max": 0.5, "nag_scale": 3.0, "nag_tau": 4.0, "nag_alpha": 0.75, "nag_follows_dng": True},
     # NAG at CFG 1 with the paper's alpha for distilled models (0.25) instead of 0.5
     "NAG, CFG 1, alpha 0.25": {"cfg_scale": 1.0, "nag_scale": 5.0, "nag_alpha": 0.25},
+    # issue 20's third round: a CFG-distilled model (the embedded model + the LoRA of training/train_cfg_distill.py,
+    # which samples at CFG 1 what the base model samples at CFG 7), where NAG is the negative's only way in; NAG's
+    # settings tuned on seeds 1000-1015 (the red and triangle cases), disjoint from the evaluation's 0-39
+    "NAG, CFG 1, CFG-distilled LoRA": {"cfg_scale": 1.0, "lora": "tiny-shapes-cfg-distill:1", "nag_scale": 3.0,
+                                       "nag_tau": 1.5, "nag_alpha": 0.35},
     "APG": {"guidance": "APG"},
     "Dynamic thresholding, mimic 4": {"guidance": "Dynamic thresholding", "dynthres_mimic_scale": 4.0},
 }
 NEW_SETTINGS = ["NAG, CFG 1", "CFG + NAG", "Perp-Neg + NAG", "Dynamic negative", "Dynamic negative + NAG", "APG",
                 "Dynamic thresholding, mimic 4", "Dynamic negative + NAG following its posterior",
-                "NAG, CFG 1, alpha 0.25"]
+                "NAG, CFG 1, alpha 0.25", "NAG, CFG 1, CFG-distilled LoRA"]
 
 
 def generate(model, prompt: str, negative: str, n_seeds: int, seed0: int = 0, steps: int = 20, cfg: float = 7.0,
@@ -168,20 +173,22 @@ def report(model_dir: Path, n_seeds: int = 40, settings: list[str] | None = None
         key = case_key(case)
         if cases and key not in cases and case.prompt not in cases:
             continue
-        baselines: dict[float, list[Judgement]] = {}
+        baselines: dict[tuple[float, str | None], list[Judgement]] = {}
         row = {"named": case.named, "kept": case.kept, "group": "unrelated" if case in UNRELATED else "named"}
         for name in settings or SETTINGS:
             fields = dict(SETTINGS[name])
             cfg = float(fields.pop("cfg_scale", 7.0))
-            if cfg not in baselines:
-                baselines[cfg] = generate_judged(model, case.prompt, "", n_seeds, seed0, cfg=cfg)
-                w = baselines[cfg]
-                row["without" if cfg == 7.0 else f"without, CFG {cfg:g}"] = {
+            lora = fields.pop("lora", None)  # "name:weight": a LoRA for the prompt, with and without the negative
+            prompt = case.prompt + (f" <lora:{lora}>" if lora else "")
+            if (cfg, lora) not in baselines:
+                baselines[cfg, lora] = w = generate_judged(model, prompt, "", n_seeds, seed0, cfg=cfg)
+                label = "without" if cfg == 7.0 else f"without, CFG {cfg:g}"
+                row[label + (f", <lora:{lora}>" if lora else "")] = {
                     "cfg_scale": cfg, "named_rate": rate(w, case.is_named), "keep_rate": rate(w, case.is_kept),
                     "named_per_seed": [bool(case.is_named(j)) for j in w],
                     "kept_per_seed": [bool(case.is_kept(j)) for j in w]}
-            judged = generate_judged(model, case.prompt, case.negative, n_seeds, seed0, cfg=cfg, **fields)
-            row[name] = {"cfg_scale": cfg, **compare(case, baselines[cfg], judged)}
+            judged = generate_judged(model, prompt, case.negative, n_seeds, seed0, cfg=cfg, **fields)
+            row[name] = {"cfg_scale": cfg, **compare(case, baselines[cfg, lora], judged)}
         out[key] = row
         if on_case:
             on_case(key, row)
