@@ -105,7 +105,7 @@ def train(model, steps: int, *, rank: int = 16, lr: float = 1e-3, batch: int = 1
     while step < steps and (stop_after is None or step < stop_after):
         rng, gen = _step_rng(seed, step)
         for group in optimizer.param_groups:  # cosine to 10% of the rate
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+            group["lr"] = float(lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps))))
         idx = rng.integers(len(attrs), size=batch)
         captions = [S.make_caption(attrs[i], rng) for i in idx]
         c = torch.cat([encode(text) for text in captions])
