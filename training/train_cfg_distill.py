@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "training"))
 
 import shapes as S  # noqa: E402
-from train_embedding import encode_latents  # noqa: E402
+from train_embedding import _step_generator, encode_latents  # noqa: E402
 
 NAME = "tiny-shapes-cfg-distill"
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -49,11 +49,6 @@ def latent_pool(model, n: int, seed: int) -> tuple[torch.Tensor, list[dict]]:
     with torch.no_grad():
         latents = encode_latents(model, [im for im, _ in examples])
     return latents, [a for _, a in examples]
-
-
-def _step_rng(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    a, b = np.random.SeedSequence([seed, 11, step]).generate_state(2)
-    return np.random.default_rng(int(a)), torch.Generator().manual_seed(int(b))
 
 
 def train(model, steps: int, *, rank: int = 16, lr: float = 1e-3, batch: int = 16, cfg: float = 7.0,
@@ -103,7 +98,7 @@ def train(model, steps: int, *, rank: int = 16, lr: float = 1e-3, batch: int = 1
 
     t0 = time.time() - seconds
     while step < steps and (stop_after is None or step < stop_after):
-        rng, gen = _step_rng(seed, step)
+        rng, gen = _step_generator(seed, step, stream=11)
         for group in optimizer.param_groups:  # cosine to 10% of the rate
             group["lr"] = float(lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps))))
         idx = rng.integers(len(attrs), size=batch)

@@ -197,8 +197,10 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def _step_generator(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    ss = np.random.SeedSequence([seed, 3, step])
+def _step_generator(seed: int, step: int, stream: int = 3) -> tuple[np.random.Generator, torch.Generator]:
+    """Step `step`'s (numpy, torch) generators, from (seed, stream, step) only: a resumed run draws what a straight
+    one does. `stream` keeps one trainer's draws apart from another's (train_cfg_distill uses 11)."""
+    ss = np.random.SeedSequence([seed, stream, step])
     a, b = ss.generate_state(2)
     return np.random.default_rng(int(a)), torch.Generator().manual_seed(int(b))
 

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""One UNet call in float32 and in bfloat16 on the CPU, for a model folder (default: the embedded model).
+
+Why bfloat16 is not the CPU default: it halves SD 1.5's UNet time here (bench_txt2img.py) but is
+several times *slower* on small layers such as the embedded model's 64-128 channels. bfloat16 runs
+as the engine runs it (sd_precision.upcast_io: float32 in and out).
+
+    python benchmarks/bench_unet_precision.py [--model DIR] [--batch 2] [--calls 20] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def per_call_ms(unet, x, t, c, calls: int) -> float:
+    with torch.no_grad():
+        unet(x, t, encoder_hidden_states=c)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            unet(x, t, encoder_hidden_states=c)
+    return (time.perf_counter() - t0) / calls * 1000
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=REPO / "models" / "Stable-diffusion" / "tiny-shapes")
+    ap.add_argument("--batch", type=int, default=2, help="2: one CFG step of one image")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffusers import UNet2DConditionModel
+
+    from modules import sd_precision
+
+    unet = UNet2DConditionModel.from_pretrained(args.model / "unet").eval()
+    cfg = unet.config
+    x = torch.randn(args.batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    c = torch.randn(args.batch, 77, cfg.cross_attention_dim)
+    t = torch.full((args.batch,), 500)
+    f32 = per_call_ms(unet, x, t, c, args.calls)
+    unet.to(torch.bfloat16)
+    sd_precision.upcast_io(unet, torch.bfloat16)
+    bf16 = per_call_ms(unet, x, t, c, args.calls)
+    print(f"{args.model.name}: UNet batch {args.batch}, {cfg.sample_size}x{cfg.sample_size} latents, "
+          f"{args.threads} threads: float32 {f32:.1f} ms, bfloat16 {bf16:.1f} ms per call (bf16 / fp32 = {bf16 / f32:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
