@@ -9,4 +9,5 @@ if [ ! -x /usr/bin/chromium ]; then   # the browser tests drive Debian's Chromiu
     else echo "test.sh: /usr/bin/chromium is missing (apt-get install chromium); browser tests will be skipped" >&2; fi
 fi
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest "$@"
+# two workers, each test file whole on one of them (its server and browser start once); TEST_WORKERS=0: serial
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """One UNet call in float32 and in bfloat16 on the CPU, for a model folder (default: the embedded model).
 
-Why bfloat16 is not the CPU default: it halves SD 1.5's UNet time here (bench_txt2img.py) but is
-several times *slower* on small layers such as the embedded model's 64-128 channels. bfloat16 runs
-as the engine runs it (sd_precision.upcast_io: float32 in and out).
+Why bfloat16 is not the CPU default: it halved SD 1.5's UNet time on a CPU with AVX512-BF16
+(bench_txt2img.py) and is emulated, several times slower than float32, on a CPU without it (the
+line printed says which this one is). bfloat16 runs as the engine runs it (sd_precision.cast_modules:
+float32 in and out, channels-last convolutions).
 
     python benchmarks/bench_unet_precision.py [--model DIR] [--batch 2] [--calls 20] [--threads 2]
 """
@@ -47,11 +48,11 @@ def main(argv=None) -> int:
     c = torch.randn(args.batch, 77, cfg.cross_attention_dim)
     t = torch.full((args.batch,), 500)
     f32 = per_call_ms(unet, x, t, c, args.calls)
-    unet.to(torch.bfloat16)
-    sd_precision.upcast_io(unet, torch.bfloat16)
+    sd_precision.cast_modules(unet, torch.nn.Identity(), [], sd_precision.PrecisionOptions(unet_dtype=torch.bfloat16))
     bf16 = per_call_ms(unet, x, t, c, args.calls)
     print(f"{args.model.name}: UNet batch {args.batch}, {cfg.sample_size}x{cfg.sample_size} latents, "
-          f"{args.threads} threads: float32 {f32:.1f} ms, bfloat16 {bf16:.1f} ms per call (bf16 / fp32 = {bf16 / f32:.2f})")
+          f"{args.threads} threads: float32 {f32:.1f} ms, bfloat16 {bf16:.1f} ms per call (bf16 / fp32 = {bf16 / f32:.2f}); "
+          f"native bfloat16 on this CPU: {'yes' if sd_precision.cpu_supports_bf16() else 'no'}")
     return 0
 
 

@@ -393,7 +393,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
                   if module is vae else (precision.text_dtype or dtype))
         if module.dtype != wanted:
             module.to(dtype=wanted)
-    sd_precision.cast_modules(unet, vae, encoders, precision)
+    sd_precision.cast_modules(unet, vae, encoders, precision, device)
     if cache is not None and not cached:
         cache.put(cache_key, parts)
     execution_device = _place(device, offload, unet, vae, encoders)

@@ -44,9 +44,10 @@ def cpu_supports_bf16() -> bool:
 
 
 # Whether `--precision autocast` (the default) means a bfloat16 UNet and text encoder on a CPU with bfloat16.
-# Off: the evaluation of the embedded model in bfloat16 (training/evaluate.py all --precision bf16) could not be
-# completed against float32's figures on this shared machine, so float32 stays the CPU default (AUTOMATIC1111's)
-# and bfloat16 is asked for with --unet-in-bf16 --clip-in-bf16 (README, "Speed on the CPU").
+# Off. The embedded model's evaluation in bfloat16 (training/evaluate.py all --precision bf16) keeps float32's figures
+# within one image (README, "Speed"), but the CPU of sessions 6-7 (AVX2 only) has no bfloat16 instructions, so neither the embedded
+# model's speed in bfloat16 on one that has them nor the suite's server-against-in-process comparisons under that
+# default could be run; float32 stays the CPU default (AUTOMATIC1111's), bfloat16 is --unet-in-bf16 --clip-in-bf16.
 CPU_BF16_DEFAULT = False
 
 
@@ -141,8 +142,18 @@ def set_attention(unet: torch.nn.Module, attention: str) -> None:
     unet.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
 
 
-def cast_modules(unet, vae, encoders, opts: PrecisionOptions) -> None:
-    """The dtypes and memory format of `opts`, before the modules are placed or offloaded."""
+def cast_modules(unet, vae, encoders, opts: PrecisionOptions, device: str | torch.device = "cpu") -> None:
+    """The dtypes and memory format of `opts`, before the modules are placed or offloaded.
+
+    On a CPU a bfloat16 UNet or VAE is always channels-last: torch sends a contiguous bfloat16 conv2d
+    to its reference kernel (`_slow_conv2d_forward`) unless the CPU has AVX-512, and channels-last to
+    oneDNN (a 128-channel 3x3 conv at batch 16, 16x16, on an AVX2-only EPYC: 1973 ms against 143 ms;
+    no difference where bfloat16 is native)."""
+    on_cpu = torch.device(device).type == "cpu"
+    bf16_convs = [m for m, d in ((unet, opts.unet_dtype), (vae, opts.vae_dtype)) if d == torch.bfloat16]
+    if on_cpu and (bf16_convs or opts.text_dtype == torch.bfloat16) and not cpu_supports_bf16():
+        log.warning("bfloat16 asked for, but this CPU has no bfloat16 instructions (AVX512-BF16 / AMX): it is "
+                    "emulated and several times slower than float32 here")
     if opts.unet_dtype is not None and unet.dtype != opts.unet_dtype:
         unet.to(dtype=opts.unet_dtype)
     if opts.unet_dtype is not None and opts.unet_dtype != torch.float32:
@@ -152,9 +163,8 @@ def cast_modules(unet, vae, encoders, opts: PrecisionOptions) -> None:
             encoder.to(dtype=opts.text_dtype)
     if opts.vae_dtype is not None:
         vae.to(dtype=opts.vae_dtype)
-    if opts.channels_last:
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
+    for module in (unet, vae) if opts.channels_last else bf16_convs if on_cpu else ():
+        module.to(memory_format=torch.channels_last)
     set_attention(unet, opts.attention)
 
 

@@ -58,8 +58,23 @@ class Server:
 
 def start_server(ckpt: str | Path, *flags: str, port: int | None = None, timeout: float = 180,
                  env: dict | None = None) -> Server:
-    """`python app.py --ckpt CKPT --port PORT FLAGS...`, returned once it answers HTTP."""
-    port = port or free_port()
+    """`python app.py --ckpt CKPT --port PORT FLAGS...`, returned once it answers HTTP.
+
+    With no `port`, a free one; if another process (a parallel test worker) takes it before the
+    server binds it, once more with another."""
+    if port is None:
+        try:
+            return _start(ckpt, flags, free_port(), timeout, env)
+        except _PortTaken:
+            return _start(ckpt, flags, free_port(), timeout, env)
+    return _start(ckpt, flags, port, timeout, env)
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start(ckpt, flags, port: int, timeout: float, env: dict | None) -> Server:
     log = Path(tempfile.mkstemp(prefix=f"server-{port}-", suffix=".log")[1])
     if "--ui-settings-file" not in flags:  # a test server never writes the repo's config.json
         flags = (*flags, "--ui-settings-file", str(log.with_suffix(".config.json")))
@@ -73,7 +88,9 @@ def start_server(ckpt: str | Path, *flags: str, port: int | None = None, timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()[-4000:]}")
+            out = server.output()
+            error = _PortTaken if "address already in use" in out.lower() else RuntimeError
+            raise error(f"server exited with {proc.returncode}:\n{out[-4000:]}")
         if server.answers():
             return server
         time.sleep(0.25)

@@ -203,20 +203,3 @@ def test_compare_button_reruns_the_result_without_the_negative_or_with_another_r
     page.click("#txt2img_compare")
     page.wait_for_function("document.querySelector('#txt2img_compare_gallery').innerText.includes('guidance Perp-Neg')")
     page.context.close()
-
-
-def test_inspector_follows_the_running_job(browser, server):
-    page = open_page(browser, server)
-    page.fill("#txt2img_prompt textarea", "a long job")
-    page.fill("#txt2img_neg_prompt textarea", "red")
-    set_number(page, "txt2img_steps", 150)
-    set_number(page, "txt2img_batch_size", 8)
-    page.click("#txt2img_generate")
-    text = wait_info(page, r"^Step \d+/150 .*job running")  # the running job's steps, as they come
-    first = int(re.match(r"Step (\d+)", text).group(1))
-    page.wait_for_function("n => +document.querySelector('#txt2img_inspector_step input[type=number]').max > n",
-                           arg=first + 1)
-    page.click("#txt2img_interrupt")
-    page.wait_for_function("/^Interrupted/.test(document.querySelector('#txt2img_progress').innerText)")
-    wait_info(page, r"^Step \d+/150(?!.*job running)")  # the job is over: its last step, no longer running
-    page.context.close()

@@ -51,6 +51,19 @@ def test_bf16_channels_last_close_to_float32(folder, reference, offload):
     assert diff.max() <= 32
 
 
+def test_a_bfloat16_unet_on_the_cpu_is_channels_last_and_float32_is_not(folder, caplog):
+    """A contiguous bfloat16 conv2d falls to torch's reference kernel on a CPU without AVX-512 (sd_precision.cast_modules)."""
+    def channels_last(module) -> bool:
+        return module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    bf16 = sd_models.load_model(folder, precision=sd_precision.PrecisionOptions(unet_dtype=torch.bfloat16))
+    plain = sd_models.load_model(folder)
+    assert channels_last(bf16.unet) and not channels_last(bf16.vae.decoder)  # the VAE stayed float32, contiguous
+    assert not channels_last(plain.unet)
+    warned = any("no bfloat16 instructions" in r.getMessage() for r in caplog.records)
+    assert warned == (not sd_precision.cpu_supports_bf16())
+
+
 def test_flags_to_precision_options():
     parse = cmd_args.parse_args
     full = sd_precision.options_from_args(parse(["--precision", "full", "--unet-in-bf16"]), "cpu")

@@ -60,7 +60,7 @@ PRECISION = {"name": "float32"}  # --precision: "bf16" runs the UNet and text en
 def load_pipeline(model_dir):
     """diffusers StableDiffusionPipeline from the folder (local files only), DDIM, float32; with
     `--precision bf16` its UNet and text encoder compute in bfloat16, the sampler stays float32
-    (modules/sd_precision.upcast_io, what the engine does)."""
+    (modules/sd_precision.cast_modules, what the engine does)."""
     key = str(Path(model_dir).resolve())
     if key not in _PIPES:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -72,9 +72,8 @@ def load_pipeline(model_dir):
         if PRECISION["name"] == "bf16":
             sys.path.insert(0, str(REPO))
             from modules import sd_precision
-            pipe.unet.to(torch.bfloat16)
-            sd_precision.upcast_io(pipe.unet, torch.bfloat16)
-            pipe.text_encoder.to(torch.bfloat16)
+            bf16 = sd_precision.PrecisionOptions(unet_dtype=torch.bfloat16, text_dtype=torch.bfloat16)
+            sd_precision.cast_modules(pipe.unet, pipe.vae, [pipe.text_encoder], bf16, "cpu")
         _PIPES[key] = pipe
     return _PIPES[key]
 
