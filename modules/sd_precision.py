@@ -163,7 +163,8 @@ def cast_modules(unet, vae, encoders, opts: PrecisionOptions, device: str | torc
             encoder.to(dtype=opts.text_dtype)
     if opts.vae_dtype is not None:
         vae.to(dtype=opts.vae_dtype)
-    for module in (unet, vae) if opts.channels_last else bf16_convs if on_cpu else ():
+    channels_last = [unet, vae] if opts.channels_last else bf16_convs if on_cpu else []
+    for module in channels_last:
         module.to(memory_format=torch.channels_last)
     set_attention(unet, opts.attention)
 
