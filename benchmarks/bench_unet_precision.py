@@ -38,18 +38,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from diffusers import UNet2DConditionModel
+    from modules import sd_models, sd_precision
 
-    from modules import sd_precision
-
-    unet = UNet2DConditionModel.from_pretrained(args.model / "unet").eval()
+    unet = sd_models.load_model(args.model, device="cpu").unet
     cfg = unet.config
     x = torch.randn(args.batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     c = torch.randn(args.batch, 77, cfg.cross_attention_dim)
     t = torch.full((args.batch,), 500)
     f32 = per_call_ms(unet, x, t, c, args.calls)
-    sd_precision.cast_modules(unet, torch.nn.Identity(), [], sd_precision.PrecisionOptions(unet_dtype=torch.bfloat16))
-    bf16 = per_call_ms(unet, x, t, c, args.calls)
+    bf16_unet = sd_models.load_model(args.model, device="cpu",
+                                     precision=sd_precision.PrecisionOptions(unet_dtype=torch.bfloat16)).unet
+    bf16 = per_call_ms(bf16_unet, x, t, c, args.calls)
     print(f"{args.model.name}: UNet batch {args.batch}, {cfg.sample_size}x{cfg.sample_size} latents, "
           f"{args.threads} threads: float32 {f32:.1f} ms, bfloat16 {bf16:.1f} ms per call (bf16 / fp32 = {bf16 / f32:.2f}); "
           f"native bfloat16 on this CPU: {'yes' if sd_precision.cpu_supports_bf16() else 'no'}")

@@ -149,11 +149,6 @@ def cast_modules(unet, vae, encoders, opts: PrecisionOptions, device: str | torc
     to its reference kernel (`_slow_conv2d_forward`) unless the CPU has AVX-512, and channels-last to
     oneDNN (a 128-channel 3x3 conv at batch 16, 16x16, on an AVX2-only EPYC: 1973 ms against 143 ms;
     no difference where bfloat16 is native)."""
-    on_cpu = torch.device(device).type == "cpu"
-    bf16_convs = [m for m, d in ((unet, opts.unet_dtype), (vae, opts.vae_dtype)) if d == torch.bfloat16]
-    if on_cpu and (bf16_convs or opts.text_dtype == torch.bfloat16) and not cpu_supports_bf16():
-        log.warning("bfloat16 asked for, but this CPU has no bfloat16 instructions (AVX512-BF16 / AMX): it is "
-                    "emulated and several times slower than float32 here")
     if opts.unet_dtype is not None and unet.dtype != opts.unet_dtype:
         unet.to(dtype=opts.unet_dtype)
     if opts.unet_dtype is not None and opts.unet_dtype != torch.float32:
@@ -163,9 +158,14 @@ def cast_modules(unet, vae, encoders, opts: PrecisionOptions, device: str | torc
             encoder.to(dtype=opts.text_dtype)
     if opts.vae_dtype is not None:
         vae.to(dtype=opts.vae_dtype)
-    channels_last = [unet, vae] if opts.channels_last else bf16_convs if on_cpu else []
-    for module in channels_last:
-        module.to(memory_format=torch.channels_last)
+    # from the modules' dtypes, whichever flag or `dtype` argument gave them
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu and any(m.dtype == torch.bfloat16 for m in (unet, vae, *encoders)) and not cpu_supports_bf16():
+        log.warning("bfloat16 asked for, but this CPU has no bfloat16 instructions (AVX512-BF16 / AMX): it is "
+                    "emulated and several times slower than float32 here")
+    for module in (unet, vae):
+        if opts.channels_last or (on_cpu and module.dtype == torch.bfloat16):
+            module.to(memory_format=torch.channels_last)
     set_attention(unet, opts.attention)
 
 
