@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         model = sd_models.load_model(path, **load_kwargs)
     except UserError as e:
         sys.exit(f"Cannot start: {e}")
+    print(f"Model {model.name} on {model.device}: {model.describe_precision()}", flush=True)
     ctx = WebUIContext(args, model)
     if ray_mode:
         try:

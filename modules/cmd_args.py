@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-half-vae", action="store_true", help="float32 VAE even when the rest is fp16")
     p.add_argument("--precision", choices=["full", "autocast", "half"], default="autocast",
                    help="full = float32 everywhere, as --no-half (wins over the bf16 flags); autocast (default): fp16 on "
-                        "the GPU, float32 on the CPU")
+                        "the GPU; on the CPU bfloat16 UNet and text encoder where the CPU has bfloat16 instructions "
+                        "(AVX512-BF16, AMX), else float32")
     # speed (modules/sd_precision.py): Forge's per-component dtype flags, AUTOMATIC1111's --opt-channelslast
     p.add_argument("--unet-in-bf16", action="store_true", help="bfloat16 UNet (the sampler stays float32)")
     p.add_argument("--clip-in-bf16", action="store_true", help="bfloat16 text encoder")

@@ -241,6 +241,19 @@ class SDModel(CheckpointHash):
             else [cs.text_encoder]
         return [self.unet, self.vae, *encoders]
 
+    def describe_precision(self) -> str:
+        """What the modules compute in, read from their weights (the start-up log line): the CPU's default
+        changes with its bfloat16 support, so the user is told which one they got."""
+        def dtype(module) -> str:
+            return str(next(module.parameters()).dtype).replace("torch.", "")
+
+        unet, vae, *encoders = self.modules()
+        parts = [f"UNet {dtype(unet)}", f"text encoder {'/'.join(dtype(e) for e in encoders)}", f"VAE {dtype(vae)}"]
+        if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and unet.conv_in.weight.dim() == 4 \
+                and not unet.conv_in.weight.is_contiguous():
+            parts.append("channels-last")
+        return ", ".join(parts + (["compiled"] if self.compiled_unet is not None else []))
+
 
 # -- hashes ----------------------------------------------------------------------------------
 def _weight_files(path: Path) -> list[Path]:

@@ -76,6 +76,9 @@ class _PortTaken(RuntimeError):
 
 def _start(ckpt, flags, port: int, timeout: float, env: dict | None) -> Server:
     log = Path(tempfile.mkstemp(prefix=f"server-{port}-", suffix=".log")[1])
+    if not {"--precision", "--no-half", "--unet-in-bf16", "--clip-in-bf16", "--vae-in-bf16"} & set(flags):
+        # float32, as the in-process models the tests compare with: the default is bfloat16 on a CPU that has it
+        flags = (*flags, "--precision", "full")
     if "--ui-settings-file" not in flags:  # a test server never writes the repo's config.json
         flags = (*flags, "--ui-settings-file", str(log.with_suffix(".config.json")))
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",

@@ -44,7 +44,7 @@ def test_the_estimate_is_near_a_real_run(tiny_model):
 def test_max_job_seconds_refuses_with_the_limit_named(tiny_model, tmp_path):
     from webui.context import WebUIContext
 
-    args = cmd_args.parse_args(["--ckpt", str(tiny_model.path), "--max-job-seconds", "30",
+    args = cmd_args.parse_args(["--precision", "full", "--ckpt", str(tiny_model.path), "--max-job-seconds", "30",
                                 "--ui-settings-file", str(tmp_path / "config.json")])
     ctx = WebUIContext(args, tiny_model)
     ctx.unet_speed()

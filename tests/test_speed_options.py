@@ -60,6 +60,9 @@ def test_a_bfloat16_unet_on_the_cpu_is_channels_last_and_float32_is_not(folder, 
     plain = sd_models.load_model(folder)
     assert channels_last(bf16.unet) and not channels_last(bf16.vae.decoder)  # the VAE stayed float32, contiguous
     assert not channels_last(plain.unet)
+    # the start-up log line reads the same from the weights
+    assert bf16.describe_precision() == "UNet bfloat16, text encoder float32, VAE float32, channels-last"
+    assert plain.describe_precision() == "UNet float32, text encoder float32, VAE float32"
     warned = any("no bfloat16 instructions" in r.getMessage() for r in caplog.records)
     assert warned == (not sd_precision.cpu_supports_bf16())
 
