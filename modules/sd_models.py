@@ -405,7 +405,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         wanted = ((precision.unet_dtype or dtype) if module is unet else (precision.vae_dtype or vae_dtype)
                   if module is vae else (precision.text_dtype or dtype))
         if module.dtype != wanted:
-            module.to(dtype=wanted)
+            sd_precision.cast_to(module, wanted)
     sd_precision.cast_modules(unet, vae, encoders, precision, device)
     if cache is not None and not cached:
         cache.put(cache_key, parts)

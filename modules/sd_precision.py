@@ -142,6 +142,16 @@ def set_attention(unet: torch.nn.Module, attention: str) -> None:
     unet.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
 
 
+def cast_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype=dtype)`, without diffusers' warning about modules to keep in float32 when the model has
+    none: diffusers warns on every cast of a model, even for an empty list, and a bfloat16 CPU default would print
+    it at every start. A model that lists some goes through diffusers' `to`, warning and all."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(dtype=dtype)
+    else:
+        torch.nn.Module.to(module, dtype=dtype)
+
+
 def cast_modules(unet, vae, encoders, opts: PrecisionOptions, device: str | torch.device = "cpu") -> None:
     """The dtypes and memory format of `opts`, before the modules are placed or offloaded.
 
@@ -150,14 +160,14 @@ def cast_modules(unet, vae, encoders, opts: PrecisionOptions, device: str | torc
     oneDNN (a 128-channel 3x3 conv at batch 16, 16x16, on an AVX2-only EPYC: 1973 ms against 143 ms;
     no difference where bfloat16 is native)."""
     if opts.unet_dtype is not None and unet.dtype != opts.unet_dtype:
-        unet.to(dtype=opts.unet_dtype)
+        cast_to(unet, opts.unet_dtype)
     if opts.unet_dtype is not None and opts.unet_dtype != torch.float32:
         upcast_io(unet, opts.unet_dtype)
     if opts.text_dtype is not None:
         for encoder in encoders:
-            encoder.to(dtype=opts.text_dtype)
+            cast_to(encoder, opts.text_dtype)
     if opts.vae_dtype is not None:
-        vae.to(dtype=opts.vae_dtype)
+        cast_to(vae, opts.vae_dtype)
     # from the modules' dtypes, whichever flag or `dtype` argument gave them
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu and any(m.dtype == torch.bfloat16 for m in (unet, vae, *encoders)) and not cpu_supports_bf16():
