@@ -54,7 +54,8 @@ def api_client(model, tmp_path):
     from webui.api import Api
     from webui.context import WebUIContext
 
-    args = cmd_args.parse_args(["--precision", "full", "--ckpt", str(model.path), "--outdir-samples", str(tmp_path / "outputs"),
+    args = cmd_args.parse_args(["--precision", "full",
+                                "--ckpt", str(model.path), "--outdir-samples", str(tmp_path / "outputs"),
                                 "--ui-settings-file", str(tmp_path / "config.json")])
     app = FastAPI()
     Api(app, WebUIContext(args, model))
@@ -166,7 +167,8 @@ def test_without_styles_and_without_lora_rerun_the_plain_job(tiny_model_dir, tmp
     save(kohya_lora(model.unet, {"lora_te_": model.cond_stage.text_encoder}), lora_dir / "tiny.safetensors")
     styles = tmp_path / "styles.csv"
     styles.write_text('name,prompt,negative_prompt\nSquare,"{prompt}, blue square","red"\n')
-    args = cmd_args.parse_args(["--precision", "full", "--ckpt", str(model.path), "--outdir-samples", str(tmp_path / "outputs"),
+    args = cmd_args.parse_args(["--precision", "full",
+                                "--ckpt", str(model.path), "--outdir-samples", str(tmp_path / "outputs"),
                                 "--ui-settings-file", str(tmp_path / "config.json"), "--styles-file", str(styles)])
     client = TestClient(_app(args, model))
     job = {**SMALL, "seed": 5, "negative_prompt": "green"}

@@ -118,7 +118,8 @@ def build_page_and_api(tiny_model, tmp_path):
 
     styles = tmp_path / "styles.csv"
     styles.write_text('name,prompt,negative_prompt\nNeg,"{prompt}, sharp","blurry, lowres"\nbroken,"a,b",c,d\n')
-    ctx = WebUIContext(cmd_args.parse_args(["--precision", "full", "--ckpt", str(tiny_model.path), "--outdir-samples", str(tmp_path / "out"),
+    ctx = WebUIContext(cmd_args.parse_args(["--precision", "full",
+                                            "--ckpt", str(tiny_model.path), "--outdir-samples", str(tmp_path / "out"),
                                             "--ui-settings-file", str(tmp_path / "config.json"),
                                             "--styles-file", str(styles)]), tiny_model)
     demo = create_ui(ctx)

@@ -27,7 +27,8 @@ def ctx(tiny_model, tmp_path_factory):
     from webui.context import WebUIContext
 
     root = tmp_path_factory.mktemp("effect")
-    return WebUIContext(cmd_args.parse_args(["--precision", "full", "--ckpt", str(tiny_model.path), "--outdir-samples", str(root / "out"),
+    return WebUIContext(cmd_args.parse_args(["--precision", "full",
+                                             "--ckpt", str(tiny_model.path), "--outdir-samples", str(root / "out"),
                                              "--ui-settings-file", str(root / "config.json")]), tiny_model)
 
 

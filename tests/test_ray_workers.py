@@ -54,7 +54,8 @@ def cluster(tmp_path_factory):
     models = {name: build_tiny_sd(root / "ckpt" / name, seed=seed) for name, seed in (("tiny-a", 0), ("tiny-b", 1))}
     loaded = {name: sd_models.load_model(path, device="cpu") for name, path in models.items()}
     port = free_port()
-    args = cmd_args.parse_args(["--precision", "full", "--ckpt", str(models["tiny-a"]), "--ckpt-dir", str(root / "ckpt"), "--api", "--port", str(port), "--outdir-samples", str(root / "out"),
+    args = cmd_args.parse_args(["--precision", "full",
+                                "--ckpt", str(models["tiny-a"]), "--ckpt-dir", str(root / "ckpt"), "--api", "--port", str(port), "--outdir-samples", str(root / "out"),
                                 "--ui-settings-file", str(root / "config.json")])
     ctx = WebUIContext(args, loaded["tiny-a"])
     local = WebUIContext(args, loaded["tiny-a"])  # the in-process reference: same model, same options

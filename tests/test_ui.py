@@ -73,7 +73,8 @@ def test_send_to_inpaint_fills_the_editor_and_the_controls(tiny_model, tmp_path)
     from webui.ui import create_ui
     from webui.ui_img2img import send_updates
 
-    ctx = WebUIContext(cmd_args.parse_args(["--precision", "full", "--ckpt", str(tiny_model.path), "--outdir-samples", str(tmp_path / "o"),
+    ctx = WebUIContext(cmd_args.parse_args(["--precision", "full",
+                                            "--ckpt", str(tiny_model.path), "--outdir-samples", str(tmp_path / "o"),
                                             "--ui-settings-file", str(tmp_path / "config.json")]), tiny_model)
     demo = create_ui(ctx)
     tabs, img2img = demo.sdneg_tabs["txt2img"], demo.sdneg_tabs["img2img"]
