@@ -144,13 +144,14 @@ class GenerateHandler:
         last_gallery = 0.0
         while True:
             worker.join(UPDATE_INTERVAL)
+            done = not worker.is_alive()  # before the frames are read: a job that ended has given all of them
             frames = collector.frames()
             new = len(frames) > len(items)
             for i in range(len(items), len(frames)):
                 path = job_dir / f"step-{i:05}.png"
                 collector.store(i, path)
                 items.append((str(path), frames[i].caption))
-            if not worker.is_alive():
+            if done:
                 return
             text, fraction = job_progress_text(state, started, passes=2 if getattr(inspected.p, "enable_hr", False)
                                                else 1)
