@@ -245,12 +245,11 @@ class SDModel(CheckpointHash):
         """What the modules compute in, read from their weights (the start-up log line): the CPU's default
         changes with its bfloat16 support, so the user is told which one they got."""
         def dtype(module) -> str:
-            return str(next(module.parameters()).dtype).replace("torch.", "")
+            return str(module.dtype).replace("torch.", "")
 
         unet, vae, *encoders = self.modules()
         parts = [f"UNet {dtype(unet)}", f"text encoder {'/'.join(dtype(e) for e in encoders)}", f"VAE {dtype(vae)}"]
-        if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and unet.conv_in.weight.dim() == 4 \
-                and not unet.conv_in.weight.is_contiguous():
+        if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
             parts.append("channels-last")
         return ", ".join(parts + (["compiled"] if self.compiled_unet is not None else []))
 

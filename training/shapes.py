@@ -125,6 +125,16 @@ def _nearest(rgb: np.ndarray, table: dict) -> str:
     return names[int(d.argmin())]
 
 
+def object_mask(img: np.ndarray, mask_threshold: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, background RGB): the median of the 2-pixel border, and the pixels further than
+    ``mask_threshold`` (RGB distance) from it."""
+    a = np.asarray(img).astype(np.float32)
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3),
+                             a[2:-2, :2].reshape(-1, 3), a[2:-2, -2:].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
+    return np.sqrt(((a - bg_rgb[None, None]) ** 2).sum(-1)) > mask_threshold, bg_rgb
+
+
 def judge(img: np.ndarray, mask_threshold: float = 60.0, min_pixels: int = 30) -> dict:
     """Read colour / shape / background back from pixels.
 
@@ -138,13 +148,8 @@ def judge(img: np.ndarray, mask_threshold: float = 60.0, min_pixels: int = 30) -
     if img.dtype != np.uint8:
         raise TypeError("judge expects uint8 HxWx3")
     a = img.astype(np.float32)
-    h, w = a.shape[:2]
-    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3),
-                             a[2:-2, :2].reshape(-1, 3), a[2:-2, -2:].reshape(-1, 3)])
-    bg_rgb = np.median(border, axis=0)
+    mask, bg_rgb = object_mask(img, mask_threshold)
     background = _nearest(bg_rgb, BACKGROUNDS)
-    dist = np.sqrt(((a - bg_rgb[None, None]) ** 2).sum(-1))
-    mask = dist > mask_threshold
     n = int(mask.sum())
     out = dict(color=None, shape=None, background=background, fill=None, pixels=n)
     if n < min_pixels:

@@ -32,7 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "training")]
 
-from modules import sd_models, textual_inversion as ti  # noqa: E402
+from modules import images, sd_models, textual_inversion as ti  # noqa: E402
+from modules.sd_samplers_ddim import DDIMSampler  # noqa: E402
 import shapes as S  # noqa: E402
 import train_embedding as TE  # noqa: E402
 
@@ -40,12 +41,11 @@ STEPS, CFG = 20, 7.0
 
 
 def ddim_cfg(model, x: torch.Tensor, c_pos: torch.Tensor, c_neg: torch.Tensor, stop_after: int = STEPS) -> torch.Tensor:
-    """CompVis DDIM (eta 0, the engine's timesteps) with CFG, differentiable; after `stop_after` steps the
-    guided pred_x0 of the last one, else the finished latents."""
-    ac = model.alphas_cumprod.double()
-    ts = [i * (model.num_train_timesteps // STEPS) + 1 for i in range(STEPS)]
-    a = [float(ac[t]) for t in ts]
-    a_prev = [float(ac[0])] + a[:-1]
+    """The engine's DDIM step (eta 0, its schedule) with CFG, differentiable, which the sampler is not; after
+    `stop_after` steps the guided pred_x0 of the last one, else the finished latents."""
+    schedule = DDIMSampler(model)
+    schedule.make_schedule(STEPS)
+    ts, a, a_prev = schedule.ddim_timesteps, schedule.ddim_alphas, schedule.ddim_alphas_prev
     b = x.shape[0]
     for n, i in enumerate(reversed(range(STEPS))):
         t = torch.full((b,), ts[i])
@@ -59,10 +59,9 @@ def ddim_cfg(model, x: torch.Tensor, c_pos: torch.Tensor, c_neg: torch.Tensor, s
     return x
 
 
-def to_images(model, latents: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        im = model.decode_first_stage(latents)
-    return ((im.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+def to_images(model, latents: torch.Tensor) -> list[np.ndarray]:
+    """uint8 HxWx3 pictures, converted as the engine converts its samples."""
+    return [np.asarray(im) for im in images.latents_to_pil(model.decode_first_stage(latents))]
 
 
 def noise(seeds: list[int]) -> torch.Tensor:
@@ -70,10 +69,8 @@ def noise(seeds: list[int]) -> torch.Tensor:
 
 
 def object_box(im: np.ndarray) -> tuple[int, int, int]:
-    """(x0, y0, side) of the object: the pixels far from the border's median colour, as shapes.judge masks them."""
-    a = im.astype(np.float32)
-    bg = np.median(np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3)]), 0)
-    ys, xs = np.nonzero(np.sqrt(((a - bg) ** 2).sum(-1)) > 60)
+    """(x0, y0, side) of the object, as shapes.judge masks it."""
+    ys, xs = np.nonzero(S.object_mask(im)[0])
     return int(xs.min()), int(ys.min()), int(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)
 
 
@@ -112,8 +109,7 @@ def main(argv=None) -> int:
     else:
         param = ti.init_vectors(cs, args.init, args.vectors).requires_grad_(True)
         name, db, cache = "negx", ti.EmbeddingDatabase(), {}
-        ids = cs.tokenize([name])[0]
-        db.ids_lookup[ids[0]] = [(ids, ti.Embedding(name, param))]
+        db.register_embedding(ti.Embedding(name, param), cs)
         cs.embedding_db = db
         context = lambda: TE._encode_batch(cs, [name], cache)  # noqa: E731
 
