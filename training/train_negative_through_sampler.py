@@ -16,16 +16,24 @@ trajectories, the negative branch's noise prediction is regressed onto (CFG e_po
 the prediction that would make plain CFG take the teacher's step g (`--refresh N`: every N steps
 the states of the conditioning's own trajectories are added, with the teacher's step at them).
 
+`--per-seed 0-39` asks the question the other way round: for each seed that the word leaves a circle,
+a 77 x 64 context of its own is trained through the sampler (objective `latents`), and the seeds that
+no context of their own turns into a blue-on-gray non-circle within `--iters` steps are counted. One
+negative shared by all seeds cannot do better on a seed than the best context for that seed alone,
+so those seeds bound from below the circles of any embedding under plain CFG 7 (as far as the
+optimiser finds that best context).
+
 `--mode free` trains the 77 x 64 negative *context* itself, bypassing the text encoder: an
 upper bound for any embedding, whose context is one the text encoder can produce. `--mode emb`
-trains `--vectors` embedding vectors through the text encoder. Seeds and noise are this script's
-own (torch.randn per seed), so its circle rates are not the engine's seeds 0-39; it reports
-training seeds (1000 on) and validation seeds (2000 on), the latter with no negative and with the
-word as well.
+trains `--vectors` embedding vectors through the text encoder. A seed's noise is evaluate.py's
+(torch.randn((4, 16, 16)) per seed), so seeds 0-39 are the evaluation's: the word leaves the same
+9 circles of 40 here as there. It reports training seeds (1000 on, `--train-start`) and validation
+seeds (2000 on), the latter with no negative and with the word as well.
 
     python training/train_negative_through_sampler.py --mode free --iters 50 --batch 8 --lr 1e-2
     python training/train_negative_through_sampler.py --mode emb --vectors 8 --iters 100 --batch 8 --lr 1e-2
     python training/train_negative_through_sampler.py --objective distill --mode free --iters 300 --batch 32 --lr 5e-2
+    python training/train_negative_through_sampler.py --per-seed 0-39 --iters 150 --lr 5e-2
 """
 from __future__ import annotations
 
@@ -136,6 +144,44 @@ def latent_targets(model, seeds: list[int], c_pos: torch.Tensor, c_word: torch.T
         return torch.stack(targets)
 
 
+def per_seed_bound(model, seeds: list[int], c_pos: torch.Tensor, c_word: torch.Tensor, color: str,
+                   background: str, iters: int, lr: float, target: str) -> dict[int, int | None]:
+    """{seed: the first step at which its own context made it a non-circle, still `color` on `background`
+    (None: never)} for the seeds of `seeds` that the word leaves a circle. Each seed has its own context,
+    so one Adam run trains them all at once without them influencing each other."""
+    with torch.no_grad():
+        lat = ddim_cfg(model, noise(seeds), c_pos.expand(len(seeds), -1, -1), c_word)
+    circles = [s for s, im in zip(seeds, to_images(model, lat)) if S.judge(im)["shape"] == "circle"]
+    if not circles:
+        return {}
+    targets = latent_targets(model, circles, c_pos, c_word, color, background, target)
+    contexts = c_word.expand(len(circles), -1, -1).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([contexts], lr=lr)
+    flipped: dict[int, int | None] = dict.fromkeys(circles)
+    x, c = noise(circles), c_pos.expand(len(circles), -1, -1)
+    for it in range(iters + 1):
+        lat = ddim_cfg(model, x, c, contexts)
+        for seed, im in zip(circles, to_images(model, lat.detach())):
+            j = S.judge(im)
+            if flipped[seed] is None and j["shape"] != "circle" and (j["color"], j["background"]) == (color, background):
+                flipped[seed] = it
+        if it == iters or all(v is not None for v in flipped.values()):
+            break
+        loss = ((lat - targets) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if it % 10 == 0:
+            done = sum(v is not None for v in flipped.values())
+            print(f"step {it}: loss {loss.item():.4f}, {done}/{len(circles)} seeds turned", flush=True)
+    return flipped
+
+
+def seed_range(text: str) -> list[int]:
+    a, _, b = text.partition("-")
+    return list(range(int(a), int(b or a) + 1))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "models" / "Stable-diffusion" / "tiny-shapes"))
@@ -151,11 +197,16 @@ def main(argv=None) -> int:
                     help="--objective distill: also report the teacher with only these fractions of its push")
     ap.add_argument("--refresh", type=int, default=0, help="--objective distill: add the own trajectories' states "
                                                            "every N steps")
+    ap.add_argument("--per-seed", type=seed_range, default=None, metavar="A-B",
+                    help="the per-seed bound on seeds A..B (the engine's seeds: evaluate.py's noise)")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--stop-after", type=int, default=STEPS,
                     help="backpropagate only the first N steps, the loss on their guided pred_x0")
+    ap.add_argument("--train-start", type=int, default=1000,
+                    help="the first training seed (0 with --train-seeds 40: fitted to the evaluation's own seeds, "
+                         "a bound, not an embedding to ship)")
     ap.add_argument("--train-seeds", type=int, default=64)
     ap.add_argument("--val-seeds", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=25)
@@ -171,6 +222,21 @@ def main(argv=None) -> int:
     with torch.no_grad():
         c_pos = cs.encode(f"a {color} shape on a {background} background")
         c_word = cs.encode(args.init)
+    if args.per_seed:
+        t0 = time.time()
+        with torch.no_grad():
+            js = [S.judge(im) for im in to_images(model, ddim_cfg(model, noise(args.per_seed), c_pos.expand(
+                len(args.per_seed), -1, -1), cs.encode("")))]
+        none = sum(j["shape"] == "circle" for j in js)
+        flipped = per_seed_bound(model, args.per_seed, c_pos, c_word, color, background, args.iters, args.lr,
+                                 args.target)
+        stuck = [s for s, v in flipped.items() if v is None]
+        print(f"seeds {args.per_seed[0]}-{args.per_seed[-1]}: no negative {none} circles, `{args.init}` "
+              f"{len(flipped)}; turned by a context of their own: "
+              + ", ".join(f"{s} (step {v})" for s, v in flipped.items() if v is not None))
+        print(f"never turned in {args.iters} steps: {stuck or 'none'} -> any single negative leaves >= {len(stuck)} "
+              f"circles, removal <= {1 - len(stuck) / max(none, 1):.0%} ({time.time() - t0:.0f} s)")
+        return 0
     if args.mode == "free":
         param = c_word.clone().requires_grad_(True)
         context = lambda: param  # noqa: E731
@@ -195,7 +261,7 @@ def main(argv=None) -> int:
         return f"circles {circles:.1%} kept {kept:.1%}"
 
     t0 = time.time()
-    train = list(range(1000, 1000 + args.train_seeds))
+    train = list(range(args.train_start, args.train_start + args.train_seeds))
     val = list(range(2000, 2000 + args.val_seeds))
     print(f"validation seeds: no negative {rates(judged(val, cs.encode('')))}; `{args.init}` {rates(judged(val, c_word))}")
 
