@@ -144,14 +144,11 @@ def latent_targets(model, seeds: list[int], c_pos: torch.Tensor, c_word: torch.T
         return torch.stack(targets)
 
 
-def per_seed_bound(model, seeds: list[int], c_pos: torch.Tensor, c_word: torch.Tensor, color: str,
+def per_seed_bound(model, circles: list[int], c_pos: torch.Tensor, c_word: torch.Tensor, color: str,
                    background: str, iters: int, lr: float, target: str) -> dict[int, int | None]:
     """{seed: the first step at which its own context made it a non-circle, still `color` on `background`
-    (None: never)} for the seeds of `seeds` that the word leaves a circle. Each seed has its own context,
-    so one Adam run trains them all at once without them influencing each other."""
-    with torch.no_grad():
-        lat = ddim_cfg(model, noise(seeds), c_pos.expand(len(seeds), -1, -1), c_word)
-    circles = [s for s, im in zip(seeds, to_images(model, lat)) if S.judge(im)["shape"] == "circle"]
+    (None: never)} for `circles`, seeds that the word leaves a circle. Each seed has its own context, so one
+    Adam run trains them all at once without them influencing each other."""
     if not circles:
         return {}
     targets = latent_targets(model, circles, c_pos, c_word, color, background, target)
@@ -222,30 +219,6 @@ def main(argv=None) -> int:
     with torch.no_grad():
         c_pos = cs.encode(f"a {color} shape on a {background} background")
         c_word = cs.encode(args.init)
-    if args.per_seed:
-        t0 = time.time()
-        with torch.no_grad():
-            js = [S.judge(im) for im in to_images(model, ddim_cfg(model, noise(args.per_seed), c_pos.expand(
-                len(args.per_seed), -1, -1), cs.encode("")))]
-        none = sum(j["shape"] == "circle" for j in js)
-        flipped = per_seed_bound(model, args.per_seed, c_pos, c_word, color, background, args.iters, args.lr,
-                                 args.target)
-        stuck = [s for s, v in flipped.items() if v is None]
-        print(f"seeds {args.per_seed[0]}-{args.per_seed[-1]}: no negative {none} circles, `{args.init}` "
-              f"{len(flipped)}; turned by a context of their own: "
-              + ", ".join(f"{s} (step {v})" for s, v in flipped.items() if v is not None))
-        print(f"never turned in {args.iters} steps: {stuck or 'none'} -> any single negative leaves >= {len(stuck)} "
-              f"circles, removal <= {1 - len(stuck) / max(none, 1):.0%} ({time.time() - t0:.0f} s)")
-        return 0
-    if args.mode == "free":
-        param = c_word.clone().requires_grad_(True)
-        context = lambda: param  # noqa: E731
-    else:
-        param = ti.init_vectors(cs, args.init, args.vectors).requires_grad_(True)
-        name, db, cache = "negx", ti.EmbeddingDatabase(), {}
-        db.register_embedding(ti.Embedding(name, param), cs)
-        cs.embedding_db = db
-        context = lambda: TE._encode_batch(cs, [name], cache)  # noqa: E731
 
     def judged(seeds, c_neg) -> list[dict]:
         out = []
@@ -259,6 +232,28 @@ def main(argv=None) -> int:
         circles = sum(j["shape"] == "circle" for j in js) / len(js)
         kept = sum((j["color"], j["background"]) == (color, background) for j in js) / len(js)
         return f"circles {circles:.1%} kept {kept:.1%}"
+
+    if args.per_seed:
+        t0 = time.time()
+        none = sum(j["shape"] == "circle" for j in judged(args.per_seed, cs.encode("")))
+        circles = [s for s, j in zip(args.per_seed, judged(args.per_seed, c_word)) if j["shape"] == "circle"]
+        flipped = per_seed_bound(model, circles, c_pos, c_word, color, background, args.iters, args.lr, args.target)
+        stuck = [s for s, v in flipped.items() if v is None]
+        print(f"seeds {args.per_seed[0]}-{args.per_seed[-1]}: no negative {none} circles, `{args.init}` "
+              f"{len(circles)}; turned by a context of their own: "
+              + ", ".join(f"{s} (step {v})" for s, v in flipped.items() if v is not None))
+        print(f"never turned in {args.iters} steps: {stuck or 'none'} -> any single negative leaves >= {len(stuck)} "
+              f"circles, removal <= {1 - len(stuck) / max(none, 1):.0%} ({time.time() - t0:.0f} s)")
+        return 0
+    if args.mode == "free":
+        param = c_word.clone().requires_grad_(True)
+        context = lambda: param  # noqa: E731
+    else:
+        param = ti.init_vectors(cs, args.init, args.vectors).requires_grad_(True)
+        name, db, cache = "negx", ti.EmbeddingDatabase(), {}
+        db.register_embedding(ti.Embedding(name, param), cs)
+        cs.embedding_db = db
+        context = lambda: TE._encode_batch(cs, [name], cache)  # noqa: E731
 
     t0 = time.time()
     train = list(range(args.train_start, args.train_start + args.train_seeds))
